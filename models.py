@@ -1,0 +1,408 @@
+"""TGANv2 networks: ConvLSTM, the multi-level sparse generator and the 3-D ResNet discriminators.
+
+Tensor layout conventions used throughout the repository:
+
+* videos are ``(N, C, T, H, W)`` with values in ``[-1, 1]``;
+* inside the generator, time is folded into the batch: ``(N * T, C, H, W)`` with the
+  frames of one video contiguous (sample-major), so ``x.view(N, T, C, H, W)`` recovers them.
+"""
+
+import math
+from dataclasses import dataclass, asdict, field
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# Presets (SPEC §2-3)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a generator and a discriminator (saved in checkpoints)."""
+
+    z_dim: int = 256
+    t_size: int = 4
+    clstm_ch: int = 256
+    clstm_layers: int = 1
+    base_channels: List[int] = field(default_factory=lambda: [128])
+    level_channels: List[int] = field(default_factory=lambda: [64, 32, 32])
+    out_channels: int = 1
+    dis_channels: List[int] = field(default_factory=lambda: [32, 32, 64, 128, 256])
+    n_frames: int = 16
+    subsample_frames: List[int] = field(default_factory=lambda: [2, 2, 2])
+    subsample_batch: List[int] = field(default_factory=lambda: [1, 1, 1])
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.level_channels) + 1
+
+    @property
+    def resolutions(self) -> List[int]:
+        """Frame size of every level, e.g. ``[8, 16, 32, 64]`` for Moving MNIST."""
+        first = self.t_size * 2 ** len(self.base_channels)
+        return [first * 2 ** level for level in range(self.n_levels)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    # The paper's 192x192 UCF-101 model.
+    "paper": dict(
+        t_size=3,
+        clstm_ch=1024,
+        base_channels=[512, 256, 128],
+        level_channels=[64, 32, 32],
+        out_channels=3,
+        dis_channels=[64, 128, 256, 512, 1024],
+    ),
+    # 64x64 one-channel videos, as in the earlier tganv2-pytorch port.
+    "movingmnist": dict(
+        t_size=4,
+        clstm_ch=256,
+        base_channels=[128],
+        level_channels=[64, 32, 32],
+        out_channels=1,
+        dis_channels=[32, 32, 64, 128, 256],
+    ),
+}
+
+
+def model_config(preset: str, **overrides) -> ModelConfig:
+    """Build the :class:`ModelConfig` of a named preset (``paper`` or ``movingmnist``)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    values = dict(PRESETS[preset])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = ModelConfig(**values)
+    n_sub = cfg.n_levels - 1
+    if len(cfg.subsample_frames) != n_sub or len(cfg.subsample_batch) != n_sub:
+        raise ValueError(
+            f"--subsample-frames and --subsample-batch need {n_sub} values (one per level "
+            f"transition), got {cfg.subsample_frames} and {cfg.subsample_batch}"
+        )
+    if any(s < 1 for s in cfg.subsample_frames + cfg.subsample_batch):
+        raise ValueError("subsampling strides must be >= 1")
+    return cfg
+
+
+def init_conv(module: nn.Module, gain: float) -> None:
+    """Glorot-uniform weights with ``gain`` and zero bias (the authors' initialisation)."""
+    nn.init.xavier_uniform_(module.weight, gain=gain)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generator
+# ---------------------------------------------------------------------------------------------
+
+
+class ConvLSTM(nn.Module):
+    """Stacked 2-D ConvLSTM whose first layer sees an input only at step 0.
+
+    ``forward(x0, n_steps)`` with ``x0`` of shape ``(N, C, h, w)`` returns the last layer's
+    hidden states ``(N, n_steps, C, h, w)``.  Gates are split in the order i, f, o, g.
+    """
+
+    def __init__(self, channels: int, n_layers: int = 1):
+        super().__init__()
+        self.channels = channels
+        self.input_convs = nn.ModuleList(
+            nn.Conv2d(channels, 4 * channels, 3, padding=1, bias=True) for _ in range(n_layers)
+        )
+        self.state_convs = nn.ModuleList(
+            nn.Conv2d(channels, 4 * channels, 3, padding=1, bias=False) for _ in range(n_layers)
+        )
+        for conv in list(self.input_convs) + list(self.state_convs):
+            init_conv(conv, 1.0)
+
+    @staticmethod
+    def _cell(gates: torch.Tensor, c: Optional[torch.Tensor]):
+        i, f, o, g = gates.chunk(4, dim=1)
+        c_new = torch.sigmoid(i) * torch.tanh(g)
+        if c is not None:  # c is None means the zero initial cell state
+            c_new = c_new + torch.sigmoid(f) * c
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        return h_new, c_new
+
+    def forward(self, x0: torch.Tensor, n_steps: int) -> torch.Tensor:
+        n_layers = len(self.input_convs)
+        hs: List[Optional[torch.Tensor]] = [None] * n_layers
+        cs: List[Optional[torch.Tensor]] = [None] * n_layers
+        outputs = []
+        for step in range(n_steps):
+            layer_input = x0 if step == 0 else None
+            for layer in range(n_layers):
+                in_conv, state_conv = self.input_convs[layer], self.state_convs[layer]
+                if layer_input is not None:
+                    gates = in_conv(layer_input)
+                else:
+                    # A zero input through a conv is just its bias: skip the convolution.
+                    gates = in_conv.bias.view(1, -1, 1, 1)
+                if hs[layer] is not None:  # the zero initial state contributes nothing
+                    gates = gates + state_conv(hs[layer])
+                hs[layer], cs[layer] = self._cell(gates, cs[layer])
+                layer_input = hs[layer]
+            outputs.append(hs[-1])
+        return torch.stack(outputs, dim=1)
+
+
+class UpBlock(nn.Module):
+    """2-D ResNet up-block applied per frame: ``(B, in, H, W) -> (B, out, 2H, 2W)``."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1)
+        init_conv(self.conv1, math.sqrt(2))
+        init_conv(self.conv2, math.sqrt(2))
+        init_conv(self.shortcut, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.interpolate(F.relu(self.bn1(x)), scale_factor=2, mode="nearest")
+        h = self.conv2(F.relu(self.bn2(self.conv1(h))))
+        return h + self.shortcut(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class RenderHead(nn.Module):
+    """``BN -> ReLU -> conv3x3 -> tanh``: features ``(B, C, H, W)`` to images ``(B, out, H, W)``."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(in_ch)
+        self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        init_conv(self.conv, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.conv(F.relu(self.bn(x))))
+
+
+def subsample(
+    x: torch.Tensor,
+    frame_stride: int,
+    batch_stride: int,
+    time_dim: int,
+    n_frames: Optional[int] = None,
+    offset: Optional[int] = None,
+) -> torch.Tensor:
+    """Keep every ``frame_stride``-th frame from a random offset and every ``batch_stride``-th sample.
+
+    ``x`` has the batch on dim 0 and time on ``time_dim``.  Exactly ``T // frame_stride`` frames
+    are kept whatever the offset, so shapes never depend on the random draw.  The offset is drawn
+    from ``[0, frame_stride)`` with torch's global CPU generator unless given.
+    """
+    n_time = x.shape[time_dim] if n_frames is None else n_frames
+    kept = n_time // frame_stride
+    if kept < 1:
+        raise ValueError(f"cannot subsample {n_time} frames with stride {frame_stride}")
+    if offset is None:
+        offset = int(torch.randint(frame_stride, (1,), device="cpu")) if frame_stride > 1 else 0
+    index = [slice(None)] * x.dim()
+    index[0] = slice(None, None, batch_stride)
+    index[time_dim] = slice(offset, offset + frame_stride * kept, frame_stride)
+    return x[tuple(index)]
+
+
+def unfold_time(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``(N * T, C, H, W)`` frames to ``(N, C, T, H, W)`` videos."""
+    return x.view(n, -1, *x.shape[1:]).transpose(1, 2)
+
+
+class Generator(nn.Module):
+    """Multi-level TGANv2 generator.
+
+    ``forward(z)`` trains sparsely: between levels it keeps every ``s_f``-th frame (random offset)
+    and every ``s_b``-th sample, and returns one render per level, level ``l`` shaped
+    ``(N_l, C, T_l, H_l, W_l)``.  ``generate(z, n_frames, level)`` renders densely.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.clstm_ch
+        self.fc = nn.Linear(cfg.z_dim, ch * cfg.t_size * cfg.t_size)
+        init_conv(self.fc, 1.0)
+        self.clstm = ConvLSTM(ch, cfg.clstm_layers)
+        base = []
+        for out_ch in cfg.base_channels:
+            base.append(UpBlock(ch, out_ch))
+            ch = out_ch
+        self.base = nn.Sequential(*base)
+        self.renders = nn.ModuleList([RenderHead(ch, cfg.out_channels)])
+        self.level_blocks = nn.ModuleList()
+        for out_ch in cfg.level_channels:
+            self.level_blocks.append(UpBlock(ch, out_ch))
+            self.renders.append(RenderHead(out_ch, cfg.out_channels))
+            ch = out_ch
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.renders)
+
+    def sample_z(self, n: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Latents ``(n, z_dim)`` drawn from ``U(-1, 1)``."""
+        device = device if device is not None else self.fc.weight.device
+        return torch.rand(n, self.cfg.z_dim, device=device, generator=generator) * 2 - 1
+
+    def frames(self, z: torch.Tensor, n_frames: int) -> torch.Tensor:
+        """Level-1 features of every frame: ``(N * n_frames, C_base, r1, r1)``."""
+        n = z.shape[0]
+        h = self.fc(z).view(n, self.cfg.clstm_ch, self.cfg.t_size, self.cfg.t_size)
+        h = self.clstm(h, n_frames)
+        return self.base(h.reshape(n * n_frames, *h.shape[2:]))
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        n_frames: Optional[int] = None,
+        frame_strides: Optional[Sequence[int]] = None,
+        batch_strides: Optional[Sequence[int]] = None,
+    ) -> List[torch.Tensor]:
+        """Render all levels, subsampling between them (sparse training).
+
+        Pass strides of 1 (see :meth:`naive`) to render every level densely.
+        Returns ``[x1, ..., xL]`` with ``x_l`` of shape ``(N_l, C, T_l, H_l, W_l)``.
+        """
+        n_frames = n_frames or self.cfg.n_frames
+        frame_strides = self.cfg.subsample_frames if frame_strides is None else frame_strides
+        batch_strides = self.cfg.subsample_batch if batch_strides is None else batch_strides
+        n, t = z.shape[0], n_frames
+        h = self.frames(z, n_frames)
+        renders = [unfold_time(self.renders[0](h), n)]
+        for block, head, s_f, s_b in zip(self.level_blocks, self.renders[1:], frame_strides, batch_strides):
+            h = subsample(h.view(n, t, *h.shape[1:]), s_f, s_b, time_dim=1)
+            n, t = h.shape[0], h.shape[1]
+            h = block(h.reshape(n * t, *h.shape[2:]))
+            renders.append(unfold_time(head(h), n))
+        return renders
+
+    def naive(self, z: torch.Tensor, n_frames: Optional[int] = None) -> List[torch.Tensor]:
+        """All levels rendered at every frame and sample (the dense-training baseline)."""
+        ones = [1] * (self.n_levels - 1)
+        return self.forward(z, n_frames, ones, ones)
+
+    def generate(self, z: torch.Tensor, n_frames: Optional[int] = None, level: Optional[int] = None) -> torch.Tensor:
+        """Dense generation: every frame of every sample rendered at ``level`` (1-based, default last).
+
+        Any ``n_frames`` works (the ConvLSTM unrolls as long as asked).  Call in eval mode to use the
+        BatchNorm running statistics, as the authors do.  Returns ``(N, C, n_frames, H, W)``.
+        """
+        n_frames = n_frames or self.cfg.n_frames
+        level = self.n_levels if level is None else level
+        if not 1 <= level <= self.n_levels:
+            raise ValueError(f"level must be in 1..{self.n_levels}, got {level}")
+        h = self.frames(z, n_frames)
+        for block in self.level_blocks[: level - 1]:
+            h = block(h)
+        return unfold_time(self.renders[level - 1](h), z.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Discriminator
+# ---------------------------------------------------------------------------------------------
+
+
+def downsample_video(x: torch.Tensor) -> torch.Tensor:
+    """The authors' 3-D down-sampling of ``(N, C, T, H, W)``.
+
+    Every axis of odd length (length 1 included) is zero-padded by one on each side, then averaged
+    over windows of 2 if its original length is > 1, else of 1 — so a length-1 axis grows to 3.
+    That is what the original Chainer code does and what its cost table counts.
+    """
+    sizes = x.shape[2:]
+    kernel = tuple(2 if s > 1 else 1 for s in sizes)
+    if any(s % 2 for s in sizes):
+        # F.pad takes (W, W, H, H, T, T); avg_pool3d's own padding refuses a kernel of 1.
+        pads = [p for s in reversed(sizes) for p in (s % 2, s % 2)]
+        x = F.pad(x, pads)
+    return F.avg_pool3d(x, kernel)
+
+
+class OptimizedDisBlock(nn.Module):
+    """First discriminator block: ``(N, C, T, H, W) -> (N, ch, T, H/2, W/2)``."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_ch, out_ch, 3, padding=1)
+        self.conv2 = nn.Conv3d(out_ch, out_ch, 3, padding=1)
+        self.shortcut = nn.Conv3d(in_ch, out_ch, 1)
+        init_conv(self.conv1, math.sqrt(2))
+        init_conv(self.conv2, math.sqrt(2))
+        init_conv(self.shortcut, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.avg_pool3d(self.conv2(F.relu(self.conv1(x))), (1, 2, 2))
+        return h + self.shortcut(F.avg_pool3d(x, (1, 2, 2)))
+
+
+class DisBlock(nn.Module):
+    """Pre-activation 3-D ResNet block followed by :func:`downsample_video`."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_ch, in_ch, 3, padding=1)
+        self.conv2 = nn.Conv3d(in_ch, out_ch, 3, padding=1)
+        self.shortcut = nn.Conv3d(in_ch, out_ch, 1)
+        init_conv(self.conv1, math.sqrt(2))
+        init_conv(self.conv2, math.sqrt(2))
+        init_conv(self.shortcut, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(F.relu(self.conv1(F.relu(x))))
+        return downsample_video(h) + downsample_video(self.shortcut(x))
+
+
+class VideoDiscriminator(nn.Module):
+    """3-D ResNet discriminator of one level: ``(N, C, T, H, W) -> (N,)`` logits."""
+
+    def __init__(self, in_ch: int, channels: Sequence[int]):
+        super().__init__()
+        blocks = [OptimizedDisBlock(in_ch, channels[0])]
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            blocks.append(DisBlock(c_in, c_out))
+        self.blocks = nn.Sequential(*blocks)
+        self.linear = nn.Linear(channels[-1], 1)
+        init_conv(self.linear, 1.0)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(N, channels[-1])``: ReLU then a sum over (T, H, W)."""
+        return F.relu(self.blocks(x)).sum(dim=(2, 3, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(x)).squeeze(1)
+
+
+class MultiLevelDiscriminator(nn.Module):
+    """One :class:`VideoDiscriminator` per level; logits of all levels concatenated.
+
+    ``forward([x1, ..., xL])`` returns ``(N_1 + ... + N_L,)``.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.levels = nn.ModuleList(
+            VideoDiscriminator(cfg.out_channels, cfg.dis_channels) for _ in range(cfg.n_levels)
+        )
+
+    def forward(self, videos: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(videos) != len(self.levels):
+            raise ValueError(f"expected {len(self.levels)} levels, got {len(videos)}")
+        return torch.cat([dis(x) for dis, x in zip(self.levels, videos)])
+
+
+def build_models(cfg: ModelConfig):
+    """Return ``(Generator(cfg), MultiLevelDiscriminator(cfg))``."""
+    return Generator(cfg), MultiLevelDiscriminator(cfg)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

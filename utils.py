@@ -1,0 +1,243 @@
+"""Losses, the R1 penalty, video grids (GIF/MP4), checkpoints, seeding and device helpers."""
+
+import json
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# Losses (SPEC §5)
+# ---------------------------------------------------------------------------------------------
+
+
+def generator_loss(y_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating loss ``mean(softplus(-D(G(z))))`` in fp32."""
+    return F.softplus(-y_fake.float()).mean()
+
+
+def discriminator_loss(y_real: torch.Tensor, y_fake: torch.Tensor) -> torch.Tensor:
+    """``mean(softplus(-D(x))) + mean(softplus(D(G(z))))`` in fp32."""
+    return F.softplus(-y_real.float()).mean() + F.softplus(y_fake.float()).mean()
+
+
+def r1_penalty(y_real: torch.Tensor, real_levels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Zero-centred gradient penalty ``sum_levels sum(||dD/dx_level||^2)`` (a sum over the batch).
+
+    ``real_levels`` must require grad and ``y_real`` must have been computed from them.  The
+    graph is kept (``create_graph=True``) so the penalty can be back-propagated into D.
+    """
+    grads = torch.autograd.grad(y_real.float().sum(), list(real_levels), create_graph=True)
+    return sum(g.float().pow(2).sum() for g in grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Video grids
+# ---------------------------------------------------------------------------------------------
+
+
+def to_uint8(videos: torch.Tensor) -> np.ndarray:
+    """``[-1, 1]`` videos ``(N, C, T, H, W)`` to uint8 ``(N, T, H, W, C)``."""
+    x = ((videos.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def make_grid(videos: torch.Tensor, nrow: int = 8, padding: int = 1) -> np.ndarray:
+    """Tile ``(N, C, T, H, W)`` videos in ``[-1, 1]`` into uint8 frames ``(T, rows*H', nrow*W', C)``.
+
+    ``padding`` black pixels separate the tiles; missing tiles of the last row stay black.
+    """
+    frames = to_uint8(videos)
+    n, t, h, w, c = frames.shape
+    ncol = min(nrow, n)
+    nrows = (n + ncol - 1) // ncol
+    grid = np.zeros((t, nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        y0, x0 = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, y0 : y0 + h, x0 : x0 + w] = frames[i]
+    return grid
+
+
+def write_video(path, frames: np.ndarray, fps: float = 8.0) -> Path:
+    """Write uint8 frames ``(T, H, W, C)`` (C = 1 or 3) as GIF, MP4 or a PNG strip, by extension.
+
+    The file is written to a temporary name and renamed, so readers never see half a file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp" + path.suffix)
+    suffix = path.suffix.lower()
+    if suffix == ".gif":
+        import imageio.v3 as iio
+
+        data = frames[..., 0] if frames.shape[-1] == 1 else frames
+        iio.imwrite(tmp, data, extension=".gif", duration=1000.0 / fps, loop=0)
+    elif suffix == ".mp4":
+        _write_mp4(tmp, frames, fps)
+    elif suffix == ".png":
+        import imageio.v3 as iio
+
+        strip = np.concatenate(list(frames), axis=1)  # frames side by side
+        iio.imwrite(tmp, strip[..., 0] if strip.shape[-1] == 1 else strip, extension=".png")
+    else:
+        raise ValueError(f"{path}: unsupported video format {suffix!r}; expected .gif, .mp4 or .png")
+    os.replace(tmp, path)
+    return path
+
+
+def _write_mp4(path: Path, frames: np.ndarray, fps: float) -> None:
+    import av
+    from fractions import Fraction
+
+    if frames.shape[-1] == 1:
+        frames = np.repeat(frames, 3, axis=-1)
+    t, h, w, _ = frames.shape
+    # yuv420p needs even sizes: pad by one black row/column where needed.
+    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4",
+                                      rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def save_video_grid(videos: torch.Tensor, path, nrow: int = 8, fps: float = 8.0) -> Path:
+    """Save ``(N, C, T, H, W)`` videos in ``[-1, 1]`` as one animated grid (GIF or MP4 by extension)."""
+    return write_video(path, make_grid(videos, nrow), fps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def previous_checkpoint_path(path) -> Path:
+    """``run/checkpoint.pt`` -> ``run/checkpoint.prev.pt``."""
+    path = Path(path)
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def save_checkpoint(state: dict, path) -> Path:
+    """Atomically write ``state`` to ``path``, keeping the former file as ``*.prev.pt``.
+
+    The new checkpoint is written to a temporary file, flushed to disk, then renamed over the old
+    one; a crash at any moment leaves at least one complete checkpoint.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, previous_checkpoint_path(path))
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True`` (a checkpoint cannot run code).
+
+    If ``path`` is missing, truncated or corrupt and ``*.prev.pt`` exists, warn and load that.
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file falls back the same way
+        prev = previous_checkpoint_path(path)
+        if not prev.exists():
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: no such checkpoint") from None
+            raise RuntimeError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+        warnings.warn(f"{path} is unreadable ({type(err).__name__}); falling back to {prev}")
+        return torch.load(prev, map_location=map_location, weights_only=True)
+
+
+def generator_from_checkpoint(path, device="cpu"):
+    """Rebuild the generator stored in a training checkpoint, in eval mode.
+
+    Returns ``(generator, checkpoint_dict)``.
+    """
+    from models import Generator, ModelConfig
+
+    ckpt = load_checkpoint(path, map_location=device)
+    if "generator" not in ckpt or "config" not in ckpt:
+        raise KeyError(f"{path}: not a TGANv2 training checkpoint (no 'generator'/'config' entry)")
+    gen = Generator(ModelConfig(**ckpt["config"]["model"])).to(device)
+    gen.load_state_dict(ckpt["generator"])
+    return gen.eval(), ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeding, RNG state, devices
+# ---------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict:
+    """Every global RNG state as tensors and plain values (loadable with ``weights_only=True``)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`get_rng_state` returned."""
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA if available, else CPU; anything else is passed to :class:`torch.device`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def write_json(path, data: dict) -> None:
+    """Write ``data`` as pretty JSON atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def append_jsonl(path, record: dict) -> None:
+    """Append one JSON record as a line."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

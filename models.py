@@ -72,12 +72,22 @@ PRESETS = {
 }
 
 
-def model_config(preset: str, **overrides) -> ModelConfig:
-    """Build the :class:`ModelConfig` of a named preset (``paper`` or ``movingmnist``)."""
+def model_config(preset: str, resolution: Optional[int] = None, **overrides) -> ModelConfig:
+    """Build the :class:`ModelConfig` of a named preset (``paper`` or ``movingmnist``).
+
+    ``resolution`` rescales the preset to another final frame size by changing only the ConvLSTM's
+    spatial size (e.g. the paper preset at 64, 128 or 192 px uses ``t_size`` 1, 2 or 3).
+    ``overrides`` set any other :class:`ModelConfig` field; ``None`` values are ignored.
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     values = dict(PRESETS[preset])
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if resolution is not None:
+        n_up = len(values["base_channels"]) + len(values["level_channels"])
+        if resolution % 2**n_up:
+            raise ValueError(f"resolution {resolution} is not a multiple of {2**n_up} (preset {preset!r})")
+        values["t_size"] = resolution // 2**n_up
     cfg = ModelConfig(**values)
     n_sub = cfg.n_levels - 1
     if len(cfg.subsample_frames) != n_sub or len(cfg.subsample_batch) != n_sub:

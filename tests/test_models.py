@@ -1,0 +1,150 @@
+"""Shapes and maths of the networks (SPEC §2-3)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import (ConvLSTM, Generator, MultiLevelDiscriminator, build_models, count_parameters,
+                    downsample_video, model_config, subsample)
+
+
+def expected_shapes(cfg, n, frame_strides, batch_strides):
+    shapes, t = [], cfg.n_frames
+    for level, res in enumerate(cfg.resolutions):
+        if level > 0:
+            t //= frame_strides[level - 1]
+            n = math.ceil(n / batch_strides[level - 1])
+        shapes.append((n, cfg.out_channels, t, res, res))
+    return shapes
+
+
+@pytest.mark.parametrize("preset", ["movingmnist", "paper"])
+@pytest.mark.parametrize("batch_strides", [[1, 1, 1], [2, 2, 2]])
+def test_training_naive_and_dense_shapes(preset, batch_strides):
+    cfg = model_config(preset, subsample_batch=batch_strides)
+    with torch.device("meta"):  # the paper preset is large: shapes only, no memory or compute
+        gen, dis = build_models(cfg)
+        z = torch.empty(8, cfg.z_dim)
+        renders = gen(z)
+        assert [tuple(x.shape) for x in renders] == expected_shapes(cfg, 8, cfg.subsample_frames, batch_strides)
+        assert dis(renders).shape == (sum(x.shape[0] for x in renders),)
+        naive = gen.naive(z)
+        assert [tuple(x.shape) for x in naive] == expected_shapes(cfg, 8, [1, 1, 1], [1, 1, 1])
+        gen.eval()
+        for level, res in enumerate(cfg.resolutions, start=1):
+            assert gen.generate(z, n_frames=24, level=level).shape == (8, cfg.out_channels, 24, res, res)
+
+
+def test_preset_resolutions_and_parameter_counts():
+    assert model_config("movingmnist").resolutions == [8, 16, 32, 64]
+    assert model_config("paper").resolutions == [24, 48, 96, 192]
+    assert model_config("paper", resolution=64).t_size == 1
+    assert model_config("paper", resolution=128).resolutions[-1] == 128
+    with pytest.raises(ValueError, match="multiple of 64"):
+        model_config("paper", resolution=100)
+    with pytest.raises(ValueError, match="unknown preset"):
+        model_config("nope")
+    with pytest.raises(ValueError, match="one per level"):
+        model_config("movingmnist", subsample_frames=[2, 2])
+    with torch.device("meta"):
+        g, d = build_models(model_config("movingmnist"))
+        assert (count_parameters(g), count_parameters(d)) == (6_420_420, 7_485_060)
+        g, d = build_models(model_config("paper"))
+        assert (count_parameters(g), count_parameters(d)) == (88_032_460, 116_077_060)
+
+
+def test_dense_generation_renders_every_frame_cpu():
+    torch.manual_seed(0)
+    gen = Generator(model_config("movingmnist")).eval()
+    with torch.no_grad():
+        video = gen.generate(gen.sample_z(2), n_frames=20)
+    assert video.shape == (2, 1, 20, 64, 64)
+    assert video.abs().max() <= 1
+    assert (video[:, :, 1:] - video[:, :, :-1]).abs().sum() > 0  # frames differ over time
+
+
+def test_subsample_offsets_are_random_lengths_fixed():
+    x = torch.arange(16).view(1, 16).expand(6, 16).clone()  # (N=6, T=16), value = frame index
+    x[:, :] += torch.arange(6).view(6, 1) * 100  # and sample index * 100
+    offsets = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        y = subsample(x, frame_stride=3, batch_stride=2, time_dim=1)
+        assert y.shape == (3, 5)  # floor(16 / 3) frames, ceil(6 / 2) samples
+        offset = int(y[0, 0])
+        offsets.add(offset)
+        assert y[0].tolist() == [offset + 3 * k for k in range(5)]
+        assert (y[:, 0] // 100).tolist() == [0, 2, 4]
+    assert offsets == {0, 1, 2}
+
+
+def test_convlstm_skips_only_zero_work():
+    """The bias-only shortcut equals a ConvLSTM that convolves its zero inputs and zero state."""
+    torch.manual_seed(0)
+    lstm = ConvLSTM(8, n_layers=2)
+    for conv in lstm.input_convs:
+        torch.nn.init.uniform_(conv.bias, -0.5, 0.5)
+    x0 = torch.randn(3, 8, 4, 4)
+    ours = lstm(x0, 5)
+
+    h = [torch.zeros_like(x0) for _ in range(2)]
+    c = [torch.zeros_like(x0) for _ in range(2)]
+    reference = []
+    for step in range(5):
+        inp = x0 if step == 0 else torch.zeros_like(x0)
+        for layer in range(2):
+            gates = lstm.input_convs[layer](inp) + lstm.state_convs[layer](h[layer])
+            i, f, o, g = gates.chunk(4, 1)
+            c[layer] = torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g)
+            h[layer] = torch.sigmoid(o) * torch.tanh(c[layer])
+            inp = h[layer]
+        reference.append(h[-1])
+    torch.testing.assert_close(ours, torch.stack(reference, 1))
+
+
+def test_downsample_follows_the_original_padding_rule():
+    x = torch.ones(1, 1, 1, 3, 4)
+    y = downsample_video(x)
+    # T: 1 -> padded to 3, window 1 -> 3; H: 3 -> padded to 5, window 2 -> 2; W: 4 -> 2
+    assert y.shape == (1, 1, 3, 2, 2)
+    assert y[0, 0, 0].abs().sum() == 0 and y[0, 0, 2].abs().sum() == 0  # padded frames are zero
+    # H window [pad, row0] averages a zero with a one; W is unpadded
+    torch.testing.assert_close(y[0, 0, 1], torch.tensor([[0.5, 0.5], [1.0, 1.0]]))
+    assert downsample_video(torch.ones(2, 3, 4, 6, 8)).shape == (2, 3, 2, 3, 4)
+
+
+def test_discriminator_levels_are_independent_and_concatenated():
+    torch.manual_seed(0)
+    cfg = model_config("movingmnist")
+    dis = MultiLevelDiscriminator(cfg)
+    videos = [torch.randn(2, 1, t, r, r) for t, r in zip([16, 8, 4, 2], cfg.resolutions)]
+    y = dis(videos)
+    assert y.shape == (8,)
+    torch.testing.assert_close(y[2:4], dis.levels[1](videos[1]))
+    with pytest.raises(ValueError, match="expected 4 levels"):
+        dis(videos[:3])
+
+
+def test_initialisation_is_glorot_with_the_right_gains():
+    torch.manual_seed(0)
+    gen = Generator(model_config("movingmnist"))
+    block = gen.level_blocks[0]
+    for conv, gain in ((block.conv1, math.sqrt(2)), (block.shortcut, 1.0)):
+        fan_in = conv.weight[0].numel()
+        fan_out = conv.weight.shape[0] * conv.weight[0, 0].numel()
+        bound = gain * math.sqrt(6 / (fan_in + fan_out))
+        assert conv.weight.abs().max() <= bound
+        assert conv.weight.abs().max() > 0.9 * bound
+        assert conv.bias.abs().sum() == 0
+
+
+def test_generator_gradients_reach_every_level():
+    torch.manual_seed(0)
+    cfg = model_config("movingmnist", n_frames=8)
+    gen = Generator(cfg)
+    renders = gen(gen.sample_z(2))
+    sum(x.mean() for x in renders).backward()
+    missing = [n for n, p in gen.named_parameters() if p.grad is None]
+    assert missing == []

@@ -1,0 +1,109 @@
+"""The shared training loop end to end, through ``train_movingmnist.py``."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+import train_movingmnist
+import trainer
+from datasets import MovingDigits
+from utils import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--data", "synthetic", "--batch-size", "2", "--workers", "0", "--sample-grid", "2", "--log-every", "1"]
+
+
+def run(out, *extra):
+    return train_movingmnist.main([*FAST, "--out", str(out), *extra])
+
+
+def test_three_iterations_write_gif_checkpoint_config_and_metrics(tmp_path):
+    last = run(tmp_path, "--iterations", "3", "--sample-every", "2")
+    assert set(last) >= {"loss_g", "loss_d", "r1", "it_per_s"}
+    gifs = sorted(p.name for p in (tmp_path / "samples").glob("*.gif"))
+    assert gifs == ["iter_000002.gif", "iter_000003.gif"]
+    frames = iio.imread(tmp_path / "samples" / "iter_000003.gif", index=None)
+    assert frames.shape[:3] == (16, 2 * 65 + 1, 2 * 65 + 1)  # 16 frames, 2x2 grid of 64 px + borders
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["iteration"] == 3
+    assert {"generator", "discriminator", "opt_g", "opt_d", "rng", "config"} <= set(ckpt)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["batch_size"] == 2 and config["model"]["clstm_ch"] == 256 and config["gp_weight"] == 0.5
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [1, 2, 3]
+    assert all(np.isfinite(m["loss_d"]) for m in metrics)
+
+
+def test_resume_is_exact(tmp_path):
+    run(tmp_path / "straight", "--iterations", "4", "--seed", "5")
+    run(tmp_path / "split", "--iterations", "2", "--seed", "5")
+    run(tmp_path / "split", "--iterations", "4", "--resume")
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert a["iteration"] == b["iteration"] == 4
+    for key in ("generator", "discriminator"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+    for name, tensor in a["opt_d"]["state"][0].items():
+        assert torch.equal(tensor, b["opt_d"]["state"][0][name])
+
+
+def test_missing_and_malformed_data_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_movingmnist.main(["--data", str(tmp_path / "missing.npy"), "--out", str(tmp_path / "r")])
+    assert exit_info.value.code == 1
+    assert "missing.npy: Moving MNIST file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((20, 3, 64), np.uint8))
+    with pytest.raises(SystemExit):
+        train_movingmnist.main(["--data", str(bad), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert "bad.npy: expected a uint8 array" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_info:
+        train_movingmnist.main(["--subsample-frames", "2,x", "--out", str(tmp_path / "r")])
+    assert exit_info.value.code == 2  # argparse usage error
+    with pytest.raises(SystemExit):
+        train_movingmnist.main([*FAST, "--out", str(tmp_path / "r"), "--resume"])
+    assert "checkpoint" in capsys.readouterr().err
+
+
+class PoisonedDigits(MovingDigits):
+    """Procedural digits whose clips turn to NaN after ``clean`` reads."""
+
+    def __init__(self, clean):
+        super().__init__(n_frames=16)
+        self.reads, self.clean = 0, clean
+
+    def __getitem__(self, key):
+        self.reads += 1
+        clip = super().__getitem__(key)
+        return clip if self.reads <= self.clean else clip * float("nan")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    poisoned = PoisonedDigits(clean=8)  # batch 2: iterations 1-4 clean, 5 poisoned
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.main("test", train_movingmnist.DEFAULTS, lambda args: (poisoned, "poisoned"),
+                     train_movingmnist.genSamples,
+                     [*FAST, "--out", str(tmp_path), "--iterations", "8", "--checkpoint-every", "2"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss at iteration 5" in err
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["iteration"] == 4
+    assert all(torch.isfinite(t).all() for t in ckpt["generator"].values() if t.is_floating_point())
+
+
+def test_main_command_help_and_cli(tmp_path):
+    out = subprocess.run([sys.executable, "train_movingmnist.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0
+    for flag in ("--data", "--out", "--iterations", "--batch-size", "--n-frames", "--lr-g", "--lr-d", "--gp-weight",
+                 "--subsample-frames", "--subsample-batch", "--sample-every", "--checkpoint-every", "--resume",
+                 "--seed", "--device", "--amp", "--workers"):
+        assert flag in out.stdout

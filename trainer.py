@@ -1,0 +1,307 @@
+"""The one TGANv2 training loop shared by ``train_movingmnist.py`` and ``train_ucf101.py``.
+
+A train script supplies its defaults, a function that opens its dataset and its ``genSamples``;
+everything else (flags, the SPEC §5 update, logging, samples, checkpoints, resume) lives here.
+"""
+
+import argparse
+import json
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from datasets import ResumableBatchSampler, real_pyramid
+from models import PRESETS, ModelConfig, build_models, count_parameters, model_config
+from utils import (append_jsonl, discriminator_loss, generator_loss, get_rng_state, load_checkpoint,
+                   pick_device, r1_penalty, save_checkpoint, seed_everything, set_rng_state, write_json)
+
+# Flags that define the experiment: on --resume they come from the checkpoint, not the command line.
+EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
+                   "subsample_frames", "subsample_batch", "lr_decay_start", "seed")
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite."""
+
+
+def int_list(text: str) -> List[int]:
+    """``"2,2,2"`` -> ``[2, 2, 2]`` (argparse type)."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,2,2, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
+    """The flags both train scripts share, with the script's ``defaults`` applied."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="network sizes (SPEC §2 table)")
+    p.add_argument("--data", help="where the training videos come from (see the script's description)")
+    p.add_argument("--out", help="run folder: config.json, metrics.jsonl, samples/, checkpoint.pt")
+    p.add_argument("--iterations", type=positive_int, help="total training iterations (one G and one D update each)")
+    p.add_argument("--batch-size", type=positive_int, help="clips per iteration (per process under torchrun)")
+    p.add_argument("--n-frames", type=positive_int, help="frames per training clip (T)")
+    p.add_argument("--lr-g", type=float, help="Adam learning rate of the generator")
+    p.add_argument("--lr-d", type=float, help="Adam learning rate of the discriminators")
+    p.add_argument("--beta1", type=float, help="Adam beta1 for both networks")
+    p.add_argument("--beta2", type=float, help="Adam beta2 for both networks")
+    p.add_argument("--gp-weight", type=float, help="weight of the zero-centred R1 penalty on real data (lambda)")
+    p.add_argument("--lr-decay-start", type=int,
+                   help="iteration from which both learning rates decay linearly to 0 at --iterations; -1 = constant")
+    p.add_argument("--subsample-frames", type=int_list,
+                   help="frame stride between consecutive levels, comma-separated (one per transition)")
+    p.add_argument("--subsample-batch", type=int_list,
+                   help="batch stride between consecutive levels, comma-separated (1 = keep every sample)")
+    p.add_argument("--sample-every", type=positive_int, help="write a GIF sample grid every N iterations")
+    p.add_argument("--checkpoint-every", type=positive_int, help="write OUT/checkpoint.pt every N iterations")
+    p.add_argument("--log-every", type=positive_int,
+                   help="update the progress bar and metrics.jsonl every N iterations (the only host sync)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                   help="continue a run: from CKPT, or OUT/checkpoint.pt when given without a value")
+    p.add_argument("--seed", type=int, help="seed of weights, latents, subsampling offsets and data order")
+    p.add_argument("--device", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument("--amp", choices=["none", "bf16"], help="bf16 autocast for the networks (losses and R1 stay fp32)")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes (0 = load in the main process)")
+    p.add_argument("--sample-grid", type=positive_int,
+                   help="samples are an N x N grid of videos from a fixed latent batch")
+    p.set_defaults(**defaults)
+    return p
+
+
+def linear_decay(base_lr: float, iteration: int, start: int, total: int) -> float:
+    """Learning rate at ``iteration``: constant before ``start``, then linear to 0 at ``total``."""
+    if start < 0 or iteration < start:
+        return base_lr
+    return base_lr * max(0.0, 1.0 - (iteration - start) / max(1, total - start))
+
+
+class Trainer:
+    """Holds the networks, optimizers and the SPEC §5 update.
+
+    ``step(x_real)`` runs one iteration on real clips ``(N, C, T, H, W)`` and returns the losses as
+    0-dim device tensors (no host sync).
+    """
+
+    def __init__(self, cfg: ModelConfig, args, device: torch.device):
+        self.cfg, self.args, self.device = cfg, args, device
+        self.gen, self.dis = (m.to(device) for m in build_models(cfg))
+        adam = dict(betas=(args.beta1, args.beta2), eps=1e-8)
+        if device.type == "cuda":
+            adam["fused"] = True
+        self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=args.lr_g, **adam)
+        self.opt_d = torch.optim.Adam(self.dis.parameters(), lr=args.lr_d, **adam)
+        self.dis_params = list(self.dis.parameters())
+        amp = args.amp == "bf16"
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
+
+    def set_lr(self, iteration: int) -> None:
+        a = self.args
+        for opt, base in ((self.opt_g, a.lr_g), (self.opt_d, a.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = linear_decay(base, iteration, a.lr_decay_start, a.iterations)
+
+    def step(self, x_real: torch.Tensor) -> Dict[str, torch.Tensor]:
+        cfg = self.cfg
+        real = [x.detach().requires_grad_(True)
+                for x in real_pyramid(x_real, cfg.subsample_frames, cfg.subsample_batch)]
+        z = self.gen.sample_z(x_real.shape[0])
+        with self.autocast():
+            y_real = self.dis(real)
+            fake = self.gen(z)
+            # D sees a detached copy so the generator graph can be freed right after its backward.
+            fake_in = [x.detach().requires_grad_(True) for x in fake]
+            y_fake = self.dis(fake_in)
+
+        # 1. generator: gradient of L_G w.r.t. the renders, then through G only (D's grads discarded).
+        loss_g = generator_loss(y_fake)
+        grad_fake = torch.autograd.grad(loss_g, fake_in, retain_graph=True)
+        self.opt_g.zero_grad(set_to_none=True)
+        torch.autograd.backward(fake, grad_fake)
+        self.opt_g.step()
+
+        # 2. discriminator on the same forward passes, plus R1 on the real pyramid.
+        loss_adv = discriminator_loss(y_real, y_fake)
+        r1 = r1_penalty(y_real, real)
+        loss_d = loss_adv + self.args.gp_weight * r1
+        self.opt_d.zero_grad(set_to_none=True)
+        torch.autograd.backward(loss_d, inputs=self.dis_params)
+        self.opt_d.step()
+        return {"loss_g": loss_g.detach(), "loss_d": loss_adv.detach(), "r1": r1.detach()}
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.state_dict(), "discriminator": self.dis.state_dict(),
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.load_state_dict(state["generator"])
+        self.dis.load_state_dict(state["discriminator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT into a flag so the loop can finish its step and checkpoint."""
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:  # second signal: stop at once
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def resolve_resume(args) -> Optional[dict]:
+    """Load the checkpoint named by ``--resume`` and put its experiment settings into ``args``."""
+    if args.resume is None:
+        return None
+    path = Path(args.out) / "checkpoint.pt" if args.resume == "auto" else Path(args.resume)
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: checkpoint {path} not found")
+    ckpt = load_checkpoint(path)
+    saved = ckpt["config"]
+    for key in EXPERIMENT_KEYS:
+        if key in saved and getattr(args, key, None) != saved[key]:
+            if getattr(args, key, None) is not None:
+                print(f"--resume: using {key}={saved[key]!r} from the checkpoint", file=sys.stderr)
+            setattr(args, key, saved[key])
+    return ckpt
+
+
+def train(args, dataset, gen_samples: Callable, describe_data: str = "") -> dict:
+    """Run the SPEC §5 loop on ``dataset`` (clips ``(C, T, H, W)`` keyed by ``(index, seed)``).
+
+    Writes ``OUT/config.json``, ``OUT/metrics.jsonl``, ``OUT/samples/`` (through ``gen_samples``)
+    and ``OUT/checkpoint.pt``.  Returns the last logged metrics.
+    """
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = resolve_resume(args)
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    cfg = model_config(args.preset, resolution=getattr(args, "resolution", None), n_frames=args.n_frames,
+                       subsample_frames=args.subsample_frames, subsample_batch=args.subsample_batch)
+    trainer = Trainer(cfg, args, device)
+    start = 0
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+        set_rng_state(ckpt["rng"])
+        start = int(ckpt["iteration"])
+    config = {k: v for k, v in vars(args).items()}
+    config.update(model=cfg.to_dict(), device=str(device), data_description=describe_data,
+                  params={"generator": count_parameters(trainer.gen), "discriminator": count_parameters(trainer.dis)},
+                  torch_version=str(torch.__version__))
+    config = json.loads(json.dumps(config))  # plain values only: checkpoints load with weights_only=True
+    write_json(out / "config.json", config)
+
+    sampler = ResumableBatchSampler(len(dataset), args.batch_size, args.seed, start_iteration=start)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
+                        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+                        generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG untouched
+    fixed_z = trainer.gen.sample_z(args.sample_grid**2, device="cpu", generator=torch.Generator().manual_seed(args.seed)).to(device)
+
+    def save(iteration: int) -> None:
+        state = trainer.state_dict()
+        state.update(iteration=iteration, config=config, rng=get_rng_state())
+        save_checkpoint(state, out / "checkpoint.pt")
+
+    def sample(iteration: int) -> None:
+        trainer.gen.eval()
+        with torch.no_grad(), trainer.autocast():
+            gen_samples(trainer.gen, fixed_z, iteration, out)
+        trainer.gen.train()
+
+    sums = {k: torch.zeros((), device=device) for k in ("loss_g", "loss_d", "r1")}
+    last: dict = {}
+    count, t_log = 0, time.perf_counter()
+    metrics_path = out / "metrics.jsonl"
+
+    def flush(iteration: int) -> dict:
+        nonlocal count, t_log
+        values = {k: v.item() / max(count, 1) for k, v in sums.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            raise TrainingDiverged(
+                f"non-finite loss at iteration {iteration} ({', '.join(f'{k}={v}' for k, v in values.items())}); "
+                f"stopped without saving. The last good checkpoint is {out / 'checkpoint.pt'}"
+            )
+        now = time.perf_counter()
+        record = {"iteration": iteration, **values, "lr_g": trainer.opt_g.param_groups[0]["lr"],
+                  "lr_d": trainer.opt_d.param_groups[0]["lr"], "it_per_s": count / max(now - t_log, 1e-9)}
+        append_jsonl(metrics_path, record)
+        for v in sums.values():
+            v.zero_()
+        count, t_log = 0, now
+        return record
+
+    bar = tqdm(total=args.iterations, initial=start, dynamic_ncols=True, desc=out.name)
+    data_iter = iter(loader)
+    iteration = start
+    with StopRequest() as stop:
+        while iteration < args.iterations:
+            x_real = next(data_iter).to(device, non_blocking=True)
+            trainer.set_lr(iteration)
+            losses = trainer.step(x_real)
+            iteration += 1
+            for k, v in losses.items():
+                sums[k] += v
+            count += 1
+            bar.update(1)
+            final = iteration == args.iterations or stop.signal_name is not None
+            if iteration % args.log_every == 0 or final:
+                last = flush(iteration)
+                bar.set_postfix(L_G=f"{last['loss_g']:.3f}", L_D=f"{last['loss_d']:.3f}", R1=f"{last['r1']:.3f}")
+            t_io = time.perf_counter()
+            if iteration % args.sample_every == 0 or iteration == args.iterations:
+                sample(iteration)
+            if iteration % args.checkpoint_every == 0 or final:
+                save(iteration)
+            t_log += time.perf_counter() - t_io  # it/s measures training, not sample/checkpoint writing
+            if stop.signal_name is not None:
+                bar.close()
+                print(f"{stop.signal_name}: stopped after iteration {iteration}; checkpoint written to "
+                      f"{out / 'checkpoint.pt'} (continue with --resume)", file=sys.stderr)
+                return last
+    bar.close()
+    return last
+
+
+def main(description: str, defaults: Dict, open_dataset: Callable, gen_samples: Callable, argv=None,
+         add_arguments: Optional[Callable] = None) -> dict:
+    """Parse flags, open the dataset with ``open_dataset(args) -> (dataset, description)`` and train.
+
+    ``add_arguments(parser)`` lets a script add its own flags.  Bad input (a missing file, a
+    malformed array, a bad flag value) exits with a one-line error.
+    """
+    parser = build_parser(description, defaults)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        dataset, describe = open_dataset(args)
+        return train(args, dataset, gen_samples, describe)
+    except (FileNotFoundError, ValueError, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1)

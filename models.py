@@ -12,6 +12,7 @@ from dataclasses import dataclass, asdict, field
 from typing import List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -110,6 +111,67 @@ def init_conv(module: nn.Module, gain: float) -> None:
 # ---------------------------------------------------------------------------------------------
 # Generator
 # ---------------------------------------------------------------------------------------------
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes whose backward sums the incoming gradients over processes too."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics span all processes of the default group.
+
+    Each process contributes ``(count, mean, variance)`` of its batch through one differentiable
+    all-reduce, combined with the parallel-variance formula (stable, unlike ``E[x^2] - E[x]^2``).
+    It works with gloo on CPU as well as NCCL (``torch.nn.SyncBatchNorm`` is GPU-only), and
+    gradients flow through the global statistics.  Without a process group it is plain BatchNorm2d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        xf = x.float()
+        var, mean = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)
+        count = torch.full((1,), xf.numel() / xf.shape[1], device=x.device)
+        # An all-gather written as an all-reduce into this rank's row, so autograd can follow it.
+        rows = torch.zeros(dist.get_world_size(), 2 * mean.numel() + 1, device=x.device)
+        rows = rows.index_copy(0, torch.tensor([dist.get_rank()], device=x.device),
+                               torch.cat([count, mean, var])[None])
+        rows = _AllReduceSum.apply(rows)
+        counts, means, variances = rows[:, :1], rows[:, 1 : 1 + mean.numel()], rows[:, 1 + mean.numel() :]
+        n = counts.sum()
+        mean = (counts * means).sum(0) / n
+        var = (counts * (variances + (means - mean).pow(2))).sum(0) / n
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1).clamp_min(1), self.momentum)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        shift = self.bias - mean * scale
+        return (xf * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Swap every ``nn.BatchNorm2d`` in ``module`` for :class:`SyncBatchNorm2d`, keeping its state."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            sync = SyncBatchNorm2d(child.num_features, child.eps, child.momentum).to(child.weight.device)
+            sync.load_state_dict(child.state_dict())
+            setattr(module, name, sync)
+        else:
+            convert_sync_batchnorm(child)
+    return module
 
 
 class ConvLSTM(nn.Module):

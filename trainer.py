@@ -19,9 +19,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets import ResumableBatchSampler, real_pyramid
-from models import PRESETS, ModelConfig, build_models, count_parameters, model_config
-from utils import (append_jsonl, discriminator_loss, generator_loss, get_rng_state, load_checkpoint,
-                   pick_device, r1_penalty, save_checkpoint, seed_everything, set_rng_state, write_json)
+from models import PRESETS, ModelConfig, build_models, convert_sync_batchnorm, count_parameters, model_config
+from utils import (all_reduce_mean_, append_jsonl, average_gradients, broadcast_module, discriminator_loss,
+                   generator_loss, get_rng_state, init_distributed, load_checkpoint, previous_checkpoint_path,
+                   r1_penalty, save_checkpoint, seed_everything, set_rng_state, write_json)
 
 # Flags that define the experiment: on --resume they come from the checkpoint, not the command line.
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
@@ -77,6 +78,8 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["none", "bf16"], help="bf16 autocast for the networks (losses and R1 stay fp32)")
     p.add_argument("--workers", type=int, help="DataLoader worker processes (0 = load in the main process)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun, compute the generator's BatchNorm statistics over all processes")
     p.add_argument("--sample-grid", type=positive_int,
                    help="samples are an N x N grid of videos from a fixed latent batch")
     p.set_defaults(**defaults)
@@ -94,12 +97,16 @@ class Trainer:
     """Holds the networks, optimizers and the SPEC §5 update.
 
     ``step(x_real)`` runs one iteration on real clips ``(N, C, T, H, W)`` and returns the losses as
-    0-dim device tensors (no host sync).
+    0-dim device tensors (no host sync).  Under torchrun, gradients are averaged across processes
+    after each backward; each process's R1 term is a sum over its own batch (see the README).
     """
 
     def __init__(self, cfg: ModelConfig, args, device: torch.device):
         self.cfg, self.args, self.device = cfg, args, device
-        self.gen, self.dis = (m.to(device) for m in build_models(cfg))
+        gen, dis = build_models(cfg)
+        if getattr(args, "sync_bn", False):
+            convert_sync_batchnorm(gen)
+        self.gen, self.dis = gen.to(device), dis.to(device)
         adam = dict(betas=(args.beta1, args.beta2), eps=1e-8)
         if device.type == "cuda":
             adam["fused"] = True
@@ -115,11 +122,12 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = linear_decay(base, iteration, a.lr_decay_start, a.iterations)
 
-    def step(self, x_real: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def step(self, x_real: torch.Tensor, z: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """One G update and one D update; ``z`` defaults to fresh ``U(-1, 1)`` latents."""
         cfg = self.cfg
         real = [x.detach().requires_grad_(True)
                 for x in real_pyramid(x_real, cfg.subsample_frames, cfg.subsample_batch)]
-        z = self.gen.sample_z(x_real.shape[0])
+        z = self.gen.sample_z(x_real.shape[0]) if z is None else z
         with self.autocast():
             y_real = self.dis(real)
             fake = self.gen(z)
@@ -132,6 +140,7 @@ class Trainer:
         grad_fake = torch.autograd.grad(loss_g, fake_in, retain_graph=True)
         self.opt_g.zero_grad(set_to_none=True)
         torch.autograd.backward(fake, grad_fake)
+        average_gradients(self.gen)
         self.opt_g.step()
 
         # 2. discriminator on the same forward passes, plus R1 on the real pyramid.
@@ -140,6 +149,7 @@ class Trainer:
         loss_d = loss_adv + self.args.gp_weight * r1
         self.opt_d.zero_grad(set_to_none=True)
         torch.autograd.backward(loss_d, inputs=self.dis_params)
+        average_gradients(self.dis)
         self.opt_d.step()
         return {"loss_g": loss_g.detach(), "loss_d": loss_adv.detach(), "r1": r1.detach()}
 
@@ -155,7 +165,7 @@ class Trainer:
 
 
 class StopRequest:
-    """Turns SIGTERM/SIGINT into a flag so the loop can finish its step and checkpoint."""
+    """Turns SIGTERM/SIGINT into a flag so the loop can finish its step, checkpoint and exit 0."""
 
     def __init__(self):
         self.signal_name: Optional[str] = None
@@ -165,9 +175,17 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.signal_name is not None:  # second signal: stop at once
+        if self.signal_name is not None:  # a second signal: stop at once
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, world_size: int, device) -> bool:
+        """Whether any process was signalled (a collective call when ``world_size > 1``)."""
+        if world_size == 1:
+            return self.signal_name is not None
+        flag = torch.tensor([float(self.signal_name is not None)], device=device)
+        all_reduce_mean_([flag])
+        return bool(flag.item() > 0)
 
     def __exit__(self, *exc):
         for s, handler in self._old.items():
@@ -179,69 +197,98 @@ def resolve_resume(args) -> Optional[dict]:
     if args.resume is None:
         return None
     path = Path(args.out) / "checkpoint.pt" if args.resume == "auto" else Path(args.resume)
-    if not path.exists():
+    if not path.exists() and not previous_checkpoint_path(path).exists():
         raise FileNotFoundError(f"--resume: checkpoint {path} not found")
     ckpt = load_checkpoint(path)
     saved = ckpt["config"]
     for key in EXPERIMENT_KEYS:
         if key in saved and getattr(args, key, None) != saved[key]:
-            if getattr(args, key, None) is not None:
-                print(f"--resume: using {key}={saved[key]!r} from the checkpoint", file=sys.stderr)
+            print(f"--resume: using {key}={saved[key]!r} from the checkpoint", file=sys.stderr)
             setattr(args, key, saved[key])
     return ckpt
+
+
+def gather_rng_states(world_size: int) -> list:
+    """Every process's RNG state, in rank order (collective when ``world_size > 1``)."""
+    state = get_rng_state()
+    if world_size == 1:
+        return [state]
+    import torch.distributed as dist
+
+    states = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
 
 
 def train(args, dataset, gen_samples: Callable, describe_data: str = "") -> dict:
     """Run the SPEC §5 loop on ``dataset`` (clips ``(C, T, H, W)`` keyed by ``(index, seed)``).
 
     Writes ``OUT/config.json``, ``OUT/metrics.jsonl``, ``OUT/samples/`` (through ``gen_samples``)
-    and ``OUT/checkpoint.pt``.  Returns the last logged metrics.
+    and ``OUT/checkpoint.pt`` — on rank 0 only under torchrun.  Returns the last logged metrics.
     """
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    rank, world_size, device = init_distributed(args.device)
+    is_main = rank == 0
     ckpt = resolve_resume(args)
-    device = pick_device(args.device)
-    seed_everything(args.seed)
+    seed_everything(args.seed)  # identical initial weights on every rank
     cfg = model_config(args.preset, resolution=getattr(args, "resolution", None), n_frames=args.n_frames,
                        subsample_frames=args.subsample_frames, subsample_batch=args.subsample_batch)
     trainer = Trainer(cfg, args, device)
+    broadcast_module(trainer.gen)
+    broadcast_module(trainer.dis)
+    seed_everything(args.seed + 1_000_003 * rank)  # but different latents and offsets per rank
     start = 0
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
-        set_rng_state(ckpt["rng"])
         start = int(ckpt["iteration"])
+        states = ckpt["rng"]
+        if len(states) == world_size:
+            set_rng_state(states[rank])
+        else:
+            print(f"--resume: checkpoint written by {len(states)} processes, now {world_size}; "
+                  "latent and offset streams are reseeded (data order is kept)", file=sys.stderr)
+            seed_everything(args.seed + 1_000_003 * rank + start)
+        del ckpt
     config = {k: v for k, v in vars(args).items()}
-    config.update(model=cfg.to_dict(), device=str(device), data_description=describe_data,
+    config.update(model=cfg.to_dict(), device=str(device), world_size=world_size, data_description=describe_data,
                   params={"generator": count_parameters(trainer.gen), "discriminator": count_parameters(trainer.dis)},
                   torch_version=str(torch.__version__))
     config = json.loads(json.dumps(config))  # plain values only: checkpoints load with weights_only=True
-    write_json(out / "config.json", config)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", config)
 
-    sampler = ResumableBatchSampler(len(dataset), args.batch_size, args.seed, start_iteration=start)
+    sampler = ResumableBatchSampler(len(dataset), args.batch_size, args.seed, start_iteration=start,
+                                    rank=rank, world_size=world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
                         generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG untouched
-    fixed_z = trainer.gen.sample_z(args.sample_grid**2, device="cpu", generator=torch.Generator().manual_seed(args.seed)).to(device)
+    fixed_z = trainer.gen.sample_z(args.sample_grid**2, device="cpu",
+                                   generator=torch.Generator().manual_seed(args.seed)).to(device)
 
     def save(iteration: int) -> None:
-        state = trainer.state_dict()
-        state.update(iteration=iteration, config=config, rng=get_rng_state())
-        save_checkpoint(state, out / "checkpoint.pt")
+        rng = gather_rng_states(world_size)  # collective: every rank takes part
+        if is_main:
+            state = trainer.state_dict()
+            state.update(iteration=iteration, config=config, rng=rng)
+            save_checkpoint(state, out / "checkpoint.pt")
 
     def sample(iteration: int) -> None:
+        if not is_main:
+            return
         trainer.gen.eval()
         with torch.no_grad(), trainer.autocast():
             gen_samples(trainer.gen, fixed_z, iteration, out)
         trainer.gen.train()
 
-    sums = {k: torch.zeros((), device=device) for k in ("loss_g", "loss_d", "r1")}
+    sums = torch.zeros(3, device=device)  # running L_G, L_D, R1 since the last log
     last: dict = {}
     count, t_log = 0, time.perf_counter()
-    metrics_path = out / "metrics.jsonl"
 
     def flush(iteration: int) -> dict:
         nonlocal count, t_log
-        values = {k: v.item() / max(count, 1) for k, v in sums.items()}
+        all_reduce_mean_([sums])
+        values = dict(zip(("loss_g", "loss_d", "r1"), (sums / max(count, 1)).tolist()))
         if not all(math.isfinite(v) for v in values.values()):
             raise TrainingDiverged(
                 f"non-finite loss at iteration {iteration} ({', '.join(f'{k}={v}' for k, v in values.items())}); "
@@ -250,13 +297,13 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "") -> dict
         now = time.perf_counter()
         record = {"iteration": iteration, **values, "lr_g": trainer.opt_g.param_groups[0]["lr"],
                   "lr_d": trainer.opt_d.param_groups[0]["lr"], "it_per_s": count / max(now - t_log, 1e-9)}
-        append_jsonl(metrics_path, record)
-        for v in sums.values():
-            v.zero_()
+        if is_main:
+            append_jsonl(out / "metrics.jsonl", record)
+        sums.zero_()
         count, t_log = 0, now
         return record
 
-    bar = tqdm(total=args.iterations, initial=start, dynamic_ncols=True, desc=out.name)
+    bar = tqdm(total=args.iterations, initial=start, dynamic_ncols=True, desc=out.name, disable=not is_main)
     data_iter = iter(loader)
     iteration = start
     with StopRequest() as stop:
@@ -265,24 +312,26 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "") -> dict
             trainer.set_lr(iteration)
             losses = trainer.step(x_real)
             iteration += 1
-            for k, v in losses.items():
-                sums[k] += v
+            sums += torch.stack([losses["loss_g"], losses["loss_d"], losses["r1"]])
             count += 1
             bar.update(1)
-            final = iteration == args.iterations or stop.signal_name is not None
-            if iteration % args.log_every == 0 or final:
+            log_now = iteration % args.log_every == 0 or iteration == args.iterations
+            # Alone, the flag is read every step; under torchrun the ranks agree at log steps only.
+            stopping = stop.agreed(world_size, device) if (log_now or world_size == 1) else False
+            if log_now or stopping:
                 last = flush(iteration)
                 bar.set_postfix(L_G=f"{last['loss_g']:.3f}", L_D=f"{last['loss_d']:.3f}", R1=f"{last['r1']:.3f}")
             t_io = time.perf_counter()
             if iteration % args.sample_every == 0 or iteration == args.iterations:
                 sample(iteration)
-            if iteration % args.checkpoint_every == 0 or final:
+            if iteration % args.checkpoint_every == 0 or iteration == args.iterations or stopping:
                 save(iteration)
             t_log += time.perf_counter() - t_io  # it/s measures training, not sample/checkpoint writing
-            if stop.signal_name is not None:
+            if stopping:
                 bar.close()
-                print(f"{stop.signal_name}: stopped after iteration {iteration}; checkpoint written to "
-                      f"{out / 'checkpoint.pt'} (continue with --resume)", file=sys.stderr)
+                if is_main:
+                    print(f"{stop.signal_name or 'signal on another rank'}: stopped after iteration {iteration}; "
+                          f"checkpoint written to {out / 'checkpoint.pt'} (continue with --resume)", file=sys.stderr)
                 return last
     bar.close()
     return last

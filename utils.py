@@ -76,7 +76,8 @@ def write_video(path, frames: np.ndarray, fps: float = 8.0) -> Path:
     if suffix == ".gif":
         import imageio.v3 as iio
 
-        data = frames[..., 0] if frames.shape[-1] == 1 else frames
+        # Pillow writes some grayscale GIFs that it cannot read back: always hand it RGB.
+        data = np.repeat(frames, 3, axis=-1) if frames.shape[-1] == 1 else frames
         iio.imwrite(tmp, data, extension=".gif", duration=1000.0 / fps, loop=0)
     elif suffix == ".mp4":
         _write_mp4(tmp, frames, fps)
@@ -226,6 +227,62 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {name}: CUDA is not available on this machine")
     return device
+
+
+def init_distributed(device_name: str = "auto"):
+    """Join the process group when launched by ``torchrun`` (NCCL on GPUs, gloo on CPU).
+
+    Returns ``(rank, world_size, device)``; a plain ``python`` launch gives ``(0, 1, device)``.
+    Each process drives the GPU ``LOCAL_RANK``.
+    """
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
+    """Average ``tensors`` in place across processes with one flat all-reduce (no-op when alone)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not tensors:
+        return
+    flat = torch._utils._flatten_dense_tensors(list(tensors))
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for tensor, synced in zip(tensors, torch._utils._unflatten_dense_tensors(flat, list(tensors))):
+        tensor.copy_(synced)
+
+
+def average_gradients(module: torch.nn.Module) -> None:
+    """Average the ``.grad`` of every parameter across processes (the manual DDP reduction).
+
+    DDP's reducer does not follow ``autograd.grad(create_graph=True)`` (the R1 double backward),
+    so the loop reduces gradients itself after each backward.
+    """
+    grads = []
+    for p in module.parameters():
+        if p.grad is None:  # every rank must send the same layout
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    all_reduce_mean_(grads)
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy parameters and buffers of rank ``src`` to every process (no-op when alone)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src)
 
 
 def write_json(path, data: dict) -> None:

@@ -1,0 +1,845 @@
+"""Inception Score, FID and FVD of a generator checkpoint or a folder of videos (SPEC §7).
+
+The protocol people compare against (Saito et al.): C3D fine-tuned on UCF-101 (the authors'
+``conv3d_deepnetA_ucf.npz`` and ``mean2.npz``), 16-frame videos, IS of the fc8 softmax over 2048
+samples, 1 split, repeated 10 times, reported as mean ± std; FID on C3D fc7 features against
+dataset statistics; FVD on I3D features from a user-supplied TorchScript file.
+
+    python evaluate.py is  --checkpoint runs/ucf101/checkpoint.pt \
+        --c3d-weights conv3d_deepnetA_ucf.npz --c3d-mean mean2.npz
+    python evaluate.py fid --checkpoint runs/ucf101/checkpoint.pt \
+        --c3d-weights conv3d_deepnetA_ucf.npz --c3d-mean mean2.npz --real-videos UCF-101
+    python evaluate.py fvd --videos samples/ --i3d i3d_torchscript.pt --real-stats stats/ucf101_i3d.npz
+
+The pieces are importable for the training loop: load the models once with :func:`load_c3d`,
+:func:`load_i3d` and :func:`real_statistics`, put them in an :class:`EvalModels`, then call
+:func:`evaluate_generator` every few thousand iterations.
+"""
+
+import argparse
+import json
+import math
+import sys
+import warnings
+import zipfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import scipy.linalg
+import scipy.special
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from datasets import to_unit_range
+from utils import generator_from_checkpoint, pick_device
+
+Stats = Tuple[np.ndarray, np.ndarray]  # (mu (D,), sigma (D, D))
+Batch = Union[torch.Tensor, List[torch.Tensor]]
+
+
+class InputError(ValueError):
+    """A missing or malformed input file or flag; the CLI prints it as one line, no traceback."""
+
+
+def _first_line(err: BaseException) -> str:
+    # KeyError's str() adds quotes and state-dict errors span many lines; keep the message's first line
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# The maths: Inception Score and Fréchet distance
+# ---------------------------------------------------------------------------------------------
+
+
+def split_inception_scores(probs: np.ndarray, splits: int = 1) -> np.ndarray:
+    """Inception Score of each of ``splits`` consecutive parts of ``probs``.
+
+    ``probs``: class probabilities ``(N, K)`` (rows sum to 1).  For each part,
+    ``exp(mean_i KL(p(y|x_i) || p(y)))`` with ``p(y)`` the part's mean row.  Returns ``(splits,)``.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or len(probs) < splits or splits < 1:
+        raise ValueError(f"need (N, K) probabilities with N >= splits >= 1, got {probs.shape} and {splits} splits")
+    n = len(probs)
+    scores = []
+    for i in range(splits):
+        part = probs[i * n // splits : (i + 1) * n // splits]
+        marginal = part.mean(axis=0, keepdims=True)
+        # rel_entr is p * log(p / q) with 0 for p = 0: exact for one-hot rows, no eps needed
+        kl = scipy.special.rel_entr(part, marginal).sum(axis=1).mean()
+        scores.append(math.exp(kl))
+    return np.array(scores)
+
+
+def inception_score(probs: np.ndarray, splits: int = 1) -> Tuple[float, float]:
+    """Mean and standard deviation over splits of the Inception Score of ``probs`` ``(N, K)``."""
+    scores = split_inception_scores(probs, splits)
+    return float(scores.mean()), float(scores.std())
+
+
+def feature_statistics(feats: np.ndarray) -> Stats:
+    """Mean ``(D,)`` and covariance ``(D, D)`` (unbiased, float64) of features ``(N, D)``."""
+    feats = np.asarray(feats, dtype=np.float64)
+    if feats.ndim != 2 or len(feats) < 2:
+        raise ValueError(f"need features (N, D) with N >= 2 to estimate a covariance, got {feats.shape}")
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """Fréchet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)``.
+
+    ``||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))`` with means ``(D,)`` and
+    covariances ``(D, D)``.  A non-finite matrix square root (singular product) is retried with
+    ``eps`` added to both diagonals; the numerical-noise imaginary part is dropped.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}")
+    diff = mu1 - mu2
+    with warnings.catch_warnings():
+        # covariances from fewer samples than dimensions are singular; handled below
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(d) * eps
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        imag = np.abs(np.diagonal(covmean).imag).max()
+        if imag > 1e-3 * max(1.0, np.abs(np.diagonal(covmean).real).max()):
+            warnings.warn(f"Fréchet distance: sqrtm has an imaginary part of {imag:.3g}; the result is unreliable")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+# ---------------------------------------------------------------------------------------------
+# .npz files: statistics caches and the authors' Chainer arrays
+# ---------------------------------------------------------------------------------------------
+
+
+def _open_npz(path, what: str):
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} not found")
+    try:
+        data = np.load(path)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise InputError(f"{path}: not a readable .npz file ({_first_line(err)})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise InputError(f"{path}: a single .npy array, expected an .npz archive ({what})")
+    return data
+
+
+def save_statistics(path, mu: np.ndarray, sigma: np.ndarray, **meta) -> Path:
+    """Cache ``(mu, sigma)`` and JSON-able ``meta`` (feature name, source, count) as ``.npz``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, mu=mu, sigma=sigma, meta=json.dumps(meta))
+    tmp.replace(path)
+    return path
+
+
+def load_statistics(path, feature: Optional[str] = None) -> Stats:
+    """Read ``(mu (D,), sigma (D, D))`` from a ``.npz`` written by :func:`save_statistics`.
+
+    When ``feature`` is given and the file records another one (say I3D statistics passed to
+    FID), raise :class:`InputError`.
+    """
+    with _open_npz(path, "statistics file") as data:
+        missing = [k for k in ("mu", "sigma") if k not in data.files]
+        if missing:
+            raise InputError(f"{path}: missing key {missing[0]!r}; expected 'mu' (D,) and 'sigma' (D, D)")
+        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+        meta = json.loads(str(data["meta"])) if "meta" in data.files else {}
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise InputError(f"{path}: 'mu' {mu.shape} and 'sigma' {sigma.shape} are not (D,) and (D, D)")
+    if feature is not None and meta.get("feature", feature) != feature:
+        raise InputError(f"{path}: holds {meta['feature']!r} statistics, expected {feature!r}")
+    return mu, sigma
+
+
+# ---------------------------------------------------------------------------------------------
+# C3D fine-tuned on UCF-101 (the authors' Chainer model)
+# ---------------------------------------------------------------------------------------------
+
+# (name, in, out, max pooling after it); every pooling rounds up like Chainer's cover_all
+C3D_CONVS = [
+    ("conv1a", 3, 64, (1, 2, 2)),
+    ("conv2a", 64, 128, 2),
+    ("conv3a", 128, 256, None),
+    ("conv3b", 256, 256, 2),
+    ("conv4a", 256, 512, None),
+    ("conv4b", 512, 512, 2),
+    ("conv5a", 512, 512, None),
+    ("conv5b", 512, 512, 2),
+]
+C3D_FCS = [("fc6", 512 * 4 * 4, 4096), ("fc7", 4096, 4096), ("fc8", 4096, 101)]
+C3D_SIZE = 112
+
+
+class C3D(nn.Module):
+    """C3D (Tran et al.) as the authors' ``C3DVersion1UCF101``, in eval-mode form (no dropout).
+
+    Input: pre-processed clips ``(N, 3, 16, 112, 112)`` (see :func:`c3d_preprocess`).  Eight
+    3x3x3 convolutions (pad 1) with ReLU and five max-poolings take them to pool5
+    ``(N, 512, 1, 4, 4)``; fc6 and fc7 (4096, ReLU) and fc8 (101 UCF-101 classes) follow.
+    ``mean`` is the cropped ``mean2.npz`` ``(3, T, 112, 112)`` set by :func:`load_c3d`.
+    """
+
+    def __init__(self):
+        super().__init__()
+        for name, c_in, c_out, _ in C3D_CONVS:
+            self.add_module(name, nn.Conv3d(c_in, c_out, 3, padding=1))
+        for name, c_in, c_out in C3D_FCS:
+            self.add_module(name, nn.Linear(c_in, c_out))
+        self.register_buffer("mean", None)
+
+    def layers(self) -> Iterator[Tuple[str, nn.Module]]:
+        """``(npz name, layer)`` in network order: conv1a ... conv5b, fc6, fc7, fc8."""
+        for name, *_ in C3D_CONVS + C3D_FCS:
+            yield name, getattr(self, name)
+
+    def extract(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``pool5`` ``(N, 512, 1, 4, 4)``, ``fc7`` ``(N, 4096)`` (after ReLU) and ``fc8`` logits ``(N, 101)``."""
+        h = x
+        for name, _, _, pool in C3D_CONVS:
+            h = F.relu(getattr(self, name)(h))
+            if pool is not None:
+                h = F.max_pool3d(h, pool, ceil_mode=True)
+        pool5 = h
+        fc7 = F.relu(self.fc7(F.relu(self.fc6(pool5.flatten(1)))))
+        return {"pool5": pool5, "fc7": fc7, "fc8": self.fc8(fc7)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """fc8 logits ``(N, 101)`` of pre-processed clips ``(N, 3, 16, 112, 112)``."""
+        return self.extract(x)["fc8"]
+
+
+def load_c3d_mean(path) -> np.ndarray:
+    """The centre crop ``mean[:, :, 8:120, 8:120]`` of ``mean2.npz`` key ``mean``: ``(3, T, 112, 112)``.
+
+    ``mean`` must be ``(3, T, H, W)`` (BGR, T = 16 or 1, H and W >= 120) so that the crop matches
+    the 112x112 C3D input.
+    """
+    with _open_npz(path, "C3D mean file (mean2.npz)") as data:
+        if "mean" not in data.files:
+            raise InputError(f"{path}: missing key 'mean' (the file has {sorted(data.files)[:8]})")
+        mean = data["mean"]
+    ok = mean.ndim == 4 and mean.shape[0] == 3 and mean.shape[1] in (1, 16) and min(mean.shape[2:]) >= 120
+    if not ok:
+        raise InputError(
+            f"{path}: key 'mean' has shape {tuple(mean.shape)}, expected (3, 16, H, W) with H, W >= 120 "
+            "(C, T, H, W; the protocol uses mean[:, :, 8:120, 8:120])"
+        )
+    return np.ascontiguousarray(mean[:, :, 8:120, 8:120], dtype=np.float32)
+
+
+def load_c3d(weights, mean, device="cpu") -> C3D:
+    """Build :class:`C3D` from the authors' Chainer ``conv3d_deepnetA_ucf.npz`` and ``mean2.npz``.
+
+    ``weights`` holds ``NAME/W`` and ``NAME/b`` for conv1a..conv5b and fc6..fc8, already in
+    PyTorch's ``(out, in, kT, kH, kW)`` / ``(out, in)`` order; other keys are ignored.  A missing
+    file, key or a wrong shape raises :class:`InputError` naming the file and the first bad key.
+    Returns the model in eval mode on ``device``, with ``model.mean`` ``(3, T, 112, 112)``.
+    """
+    c3d = C3D()
+    with _open_npz(weights, "C3D weights (conv3d_deepnetA_ucf.npz)") as data:
+        for name, layer in c3d.layers():
+            for suffix, param in (("W", layer.weight), ("b", layer.bias)):
+                key, expected = f"{name}/{suffix}", tuple(param.shape)
+                if key not in data.files:
+                    raise InputError(f"{weights}: missing key {key!r} (expected shape {expected}); "
+                                     f"the file has {len(data.files)} keys, e.g. {sorted(data.files)[:4]}")
+                value = data[key]
+                if value.shape != expected:
+                    raise InputError(f"{weights}: key {key!r} has shape {tuple(value.shape)}, expected {expected}")
+                param.data.copy_(torch.from_numpy(value.astype(np.float32)))
+    c3d.mean = torch.from_numpy(load_c3d_mean(mean))
+    return c3d.to(device).eval()
+
+
+def to_rgb(videos: torch.Tensor) -> torch.Tensor:
+    """``(N, C, T, H, W)`` with C = 1 (repeated) or 3 -> ``(N, 3, T, H, W)``."""
+    if videos.dim() != 5 or videos.shape[1] not in (1, 3):
+        raise InputError(f"expected videos (N, C, T, H, W) with C = 1 or 3, got {tuple(videos.shape)}")
+    return videos.expand(-1, 3, -1, -1, -1) if videos.shape[1] == 1 else videos
+
+
+def resize_frames(videos: torch.Tensor, size: int, align_corners: bool) -> torch.Tensor:
+    """Bilinearly resize every frame of ``(N, C, T, H, W)`` to ``(N, C, T, size, size)``."""
+    n, c, t, h, w = videos.shape
+    if (h, w) == (size, size):
+        return videos
+    frames = videos.transpose(1, 2).reshape(n * t, c, h, w)
+    frames = F.interpolate(frames, size=(size, size), mode="bilinear", align_corners=align_corners)
+    return frames.view(n, t, c, size, size).transpose(1, 2)
+
+
+def c3d_preprocess(videos: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """The authors' C3D input: ``(N, C, T, H, W)`` RGB in ``[-1, 1]`` -> ``(N, 3, T, 112, 112)``.
+
+    ``x * 128``, RGB -> BGR, every frame resized to 112x112 (bilinear, corners aligned as Chainer's
+    ``resize_images``), then ``+ 128 - mean`` with ``mean`` the ``(3, T, 112, 112)`` crop.
+    """
+    if mean.shape[1] not in (1, videos.shape[2]):
+        raise InputError(f"C3D needs {mean.shape[1]}-frame clips (the mean's length), got {videos.shape[2]} frames")
+    x = to_rgb(videos).float() * 128
+    x = x.flip(1)  # the Caffe-trained C3D expects BGR
+    x = resize_frames(x, C3D_SIZE, align_corners=True)
+    return x + (128 - mean)
+
+
+@torch.no_grad()
+def c3d_outputs(c3d: C3D, videos: torch.Tensor) -> Dict[str, np.ndarray]:
+    """Class probabilities ``probs`` ``(N, 101)`` (softmax of fc8) and ``fc7`` ``(N, 4096)`` of raw videos."""
+    out = c3d.extract(c3d_preprocess(videos, c3d.mean))
+    return {"probs": F.softmax(out["fc8"].double(), dim=1).cpu().numpy(),
+            "fc7": out["fc7"].double().cpu().numpy()}
+
+
+# ---------------------------------------------------------------------------------------------
+# I3D from a user-supplied TorchScript file (FVD)
+# ---------------------------------------------------------------------------------------------
+
+
+def load_i3d(path, device="cpu") -> torch.jit.ScriptModule:
+    """Load a TorchScript I3D feature extractor (``torch.jit.load``) in eval mode on ``device``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: I3D TorchScript file not found")
+    try:
+        with warnings.catch_warnings():
+            # TorchScript is deprecated in recent torch, but it is the format I3D ports ship in
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=FutureWarning)
+            model = torch.jit.load(str(path), map_location=device)
+    except Exception as err:  # noqa: BLE001 - jit.load raises assorted types for a bad file
+        raise InputError(f"{path}: not a loadable TorchScript file ({_first_line(err)})") from None
+    return model.eval()
+
+
+def i3d_preprocess(videos: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """I3D input: ``(N, C, T, H, W)`` in ``[-1, 1]`` -> ``(N, 3, T, size, size)`` RGB float32 in ``[-1, 1]``.
+
+    Frames are resized bilinearly (``align_corners=False``); the frame count is left alone.
+    """
+    return resize_frames(to_rgb(videos).float(), size, align_corners=False)
+
+
+@torch.no_grad()
+def i3d_outputs(i3d: Callable, videos: torch.Tensor, size: int = 224, kwargs: Optional[dict] = None) -> Dict[str, np.ndarray]:
+    """I3D features ``i3d`` ``(N, D)`` of raw videos: ``i3d(i3d_preprocess(videos), **kwargs)``.
+
+    A tuple or list output contributes its first element; extra dimensions are flattened.
+    """
+    out = i3d(i3d_preprocess(videos, size), **(kwargs or {}))
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not torch.is_tensor(out) or out.shape[0] != videos.shape[0]:
+        got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise InputError(f"I3D returned {got} for a batch of {videos.shape[0]} videos; expected (N, D) features")
+    return {"i3d": out.reshape(len(out), -1).double().cpu().numpy()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Video sources: a generator, or a folder of files
+# ---------------------------------------------------------------------------------------------
+
+VIDEO_SUFFIXES = (".gif", ".mp4", ".avi", ".mov", ".mkv", ".webm", ".npy")
+
+
+def find_videos(folder) -> List[Path]:
+    """Every video file under ``folder`` (recursively, sorted), except ``grid.*`` sample grids."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such folder of videos")
+    # generate.py writes grid.* next to the single videos; a grid is not a sample
+    paths = sorted(p for p in folder.rglob("*")
+                   if p.suffix.lower() in VIDEO_SUFFIXES and p.stem != "grid" and p.is_file())
+    if not paths:
+        raise InputError(f"{folder}: no videos ({', '.join(VIDEO_SUFFIXES)}) found")
+    return paths
+
+
+def _decode_frames(path: Path, n_frames: int) -> np.ndarray:
+    """The first ``n_frames`` frames of a file as uint8, ``(T, H, W)`` or ``(T, H, W, C)``."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        frames = np.load(path, mmap_mode="r")
+        if frames.dtype != np.uint8 or frames.ndim not in (3, 4):
+            raise ValueError(f"expected uint8 frames (T, H, W[, C]) as generate.py writes, got {frames.dtype} {frames.shape}")
+        return np.array(frames[:n_frames])  # a writable copy of the memory-mapped file
+    frames = []
+    if suffix == ".gif":
+        import imageio.v3 as iio
+
+        for frame in iio.imiter(path):
+            frames.append(frame)
+            if len(frames) == n_frames:
+                break
+    else:
+        import av
+
+        with av.open(str(path)) as container:
+            for frame in container.decode(video=0):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if len(frames) == n_frames:
+                    break
+    return np.stack(frames) if frames else np.zeros((0, 1, 1), np.uint8)
+
+
+def read_video(path, n_frames: int = 16, square_crop: bool = True) -> torch.Tensor:
+    """First ``n_frames`` frames of a ``.gif`` / video file / uint8 ``.npy`` as ``(C, T, H, W)`` in ``[-1, 1]``.
+
+    C is 1 for grayscale files, else 3 (alpha dropped).  ``square_crop`` keeps the central square
+    of non-square frames (the generator renders squares).  Raises ``ValueError`` for short files.
+    """
+    path = Path(path)
+    frames = _decode_frames(path, n_frames)
+    if len(frames) < n_frames:
+        raise ValueError(f"{len(frames)} frames, fewer than the {n_frames} needed")
+    if frames.ndim == 3:
+        frames = frames[..., None]
+    frames = frames[..., :3] if frames.shape[-1] >= 3 else frames[..., :1]
+    if square_crop:
+        h, w = frames.shape[1:3]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        frames = frames[:, top : top + side, left : left + side]
+    return to_unit_range(frames).permute(3, 0, 1, 2)
+
+
+class VideoFiles(Dataset):
+    """``(path, (C, T, H, W) tensor)``, or ``(path, error message)`` for an unreadable file."""
+
+    def __init__(self, paths: Sequence[Path], n_frames: int = 16, square_crop: bool = True):
+        self.paths, self.n_frames, self.square_crop = list(paths), n_frames, square_crop
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        try:
+            return path, read_video(path, self.n_frames, self.square_crop)
+        except Exception as err:  # noqa: BLE001 - any undecodable file is skipped and counted
+            return path, f"{type(err).__name__}: {_first_line(err)}"
+
+
+def _as_list(batch):
+    return batch
+
+
+def folder_batches(paths: Sequence[Path], batch_size: int = 32, n_frames: int = 16, square_crop: bool = True,
+                   workers: int = 0, skipped: Optional[List[Path]] = None) -> Iterator[List[torch.Tensor]]:
+    """Decode ``paths`` in batches (lists of ``(C, T, H, W)`` tensors, sizes may differ).
+
+    Unreadable or too-short files are skipped with a warning and appended to ``skipped``.
+    """
+    loader = DataLoader(VideoFiles(paths, n_frames, square_crop), batch_size=batch_size,
+                        num_workers=workers, collate_fn=_as_list)
+    for batch in loader:
+        videos = []
+        for path, item in batch:
+            if isinstance(item, str):
+                warnings.warn(f"skipping unreadable video {path}: {item}")
+                if skipped is not None:
+                    skipped.append(path)
+            else:
+                videos.append(item)
+        if videos:
+            yield videos
+
+
+@torch.no_grad()
+def generated_batches(gen: nn.Module, n_samples: int, batch_size: int = 32, n_frames: int = 16,
+                      level: Optional[int] = None, rng: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+    """Dense samples of ``gen`` in batches ``(B, C, n_frames, H, W)`` in ``[-1, 1]``, ``n_samples`` in all."""
+    device = next(gen.parameters()).device
+    for start in range(0, n_samples, batch_size):
+        z = gen.sample_z(min(batch_size, n_samples - start), device, generator=rng)
+        yield gen.generate(z, n_frames=n_frames, level=level).clamp_(-1, 1)
+
+
+def _same_shape_groups(batch: Batch) -> Iterator[torch.Tensor]:
+    # videos of different sizes cannot be stacked; the extractors resize each group to one size
+    if torch.is_tensor(batch):
+        yield batch
+        return
+    groups: Dict[tuple, List[torch.Tensor]] = defaultdict(list)
+    for video in batch:
+        groups[tuple(video.shape)].append(video)
+    for videos in groups.values():
+        yield torch.stack(videos)
+
+
+def extract_features(batches: Iterable[Batch], extractors: Sequence[Callable], device,
+                     total: Optional[int] = None, desc: str = "videos", progress: bool = True) -> Dict[str, np.ndarray]:
+    """Run every extractor (``videos (N, C, T, H, W) -> {name: (N, ...) array}``) over all batches.
+
+    Returns each name's outputs concatenated over the batches, e.g. ``{"probs": (N, 101), "fc7": (N, 4096)}``.
+    """
+    parts: Dict[str, List[np.ndarray]] = defaultdict(list)
+    with tqdm(total=total, desc=desc, unit="video", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in batches:
+            for videos in _same_shape_groups(batch):
+                videos = videos.to(device, non_blocking=True)
+                for extractor in extractors:
+                    for name, value in extractor(videos).items():
+                        parts[name].append(value)
+                bar.update(len(videos))
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics of a generator or of a set of videos
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalModels:
+    """Loaded evaluation networks and the real statistics they are compared with.
+
+    IS needs ``c3d``; FID needs ``c3d`` and ``c3d_stats`` (real fc7 ``(mu, sigma)``); FVD needs
+    ``i3d`` and ``i3d_stats``.  Metrics whose pieces are missing are simply not computed.
+    """
+
+    c3d: Optional[C3D] = None
+    i3d: Optional[Callable] = None
+    c3d_stats: Optional[Stats] = None
+    i3d_stats: Optional[Stats] = None
+    i3d_size: int = 224
+    i3d_kwargs: dict = field(default_factory=dict)
+    device: Optional[torch.device] = None  # where videos go; default: the device of the models' weights
+
+    def extractors(self) -> List[Callable]:
+        out = []
+        if self.c3d is not None:
+            out.append(partial(c3d_outputs, self.c3d))
+        if self.i3d is not None:
+            out.append(partial(i3d_outputs, self.i3d, size=self.i3d_size, kwargs=self.i3d_kwargs))
+        return out
+
+    def input_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        for model in (self.c3d, self.i3d):
+            for tensor in list(model.parameters()) + list(model.buffers()) if model is not None else []:
+                return tensor.device
+        return torch.device("cpu")
+
+
+def _distance_to(stats: Stats, feats: np.ndarray, name: str) -> float:
+    mu, sigma = feature_statistics(feats)
+    if mu.shape != stats[0].shape:
+        raise InputError(f"{name}: real statistics have {stats[0].shape[0]} dimensions, the features {mu.shape[0]}")
+    return frechet_distance(mu, sigma, *stats)
+
+
+def metrics_from_outputs(outputs: Dict[str, np.ndarray], models: EvalModels, splits: int = 1) -> Dict[str, list]:
+    """Per-run scores from :func:`extract_features` outputs: ``{"IS": [per split], "FID": [x], "FVD": [x]}``."""
+    scores = {}
+    if "probs" in outputs:
+        scores["IS"] = split_inception_scores(outputs["probs"], splits).tolist()
+    if "fc7" in outputs and models.c3d_stats is not None:
+        scores["FID"] = [_distance_to(models.c3d_stats, outputs["fc7"], "FID")]
+    if "i3d" in outputs and models.i3d_stats is not None:
+        scores["FVD"] = [_distance_to(models.i3d_stats, outputs["i3d"], "FVD")]
+    return scores
+
+
+def summarize(runs: Dict[str, list]) -> Dict[str, object]:
+    """``{"IS": [s1, s2, ...]}`` -> ``{"IS": mean, "IS_std": std, "IS_runs": [s1, s2, ...]}``."""
+    out: Dict[str, object] = {}
+    for name, values in runs.items():
+        out[name], out[f"{name}_std"], out[f"{name}_runs"] = float(np.mean(values)), float(np.std(values)), list(values)
+    return out
+
+
+def evaluate_generator(gen: nn.Module, models: EvalModels, n_samples: int = 2048, repeats: int = 1, splits: int = 1,
+                       batch_size: int = 32, n_frames: int = 16, level: Optional[int] = None, seed: int = 0,
+                       progress: bool = False) -> Dict[str, object]:
+    """IS / FID / FVD of ``gen`` (whichever ``models`` allows), each over ``repeats`` fresh sample sets.
+
+    Every repeat draws ``n_samples`` videos ``(n_frames, level)`` from a private RNG seeded with
+    ``seed`` (the training RNG is untouched, and evaluations at different iterations see the same
+    latents).  BatchNorm uses running statistics (eval mode); ``gen``'s mode is restored after.
+    Returns ``{"IS": mean, "IS_std": std, "IS_runs": [...], "FID": ..., "FVD": ..., "n_samples",
+    "repeats", "splits"}``; IS statistics are over all splits of all repeats (the protocol: 1
+    split, 10 repeats of 2048).
+    """
+    device = next(gen.parameters()).device
+    rng = torch.Generator(device=device).manual_seed(seed)
+    extractors = models.extractors()
+    runs: Dict[str, list] = defaultdict(list)
+    was_training = gen.training
+    gen.eval()
+    try:
+        for repeat in range(repeats):
+            batches = generated_batches(gen, n_samples, batch_size, n_frames, level, rng)
+            outputs = extract_features(batches, extractors, device, n_samples,
+                                       f"sampling {repeat + 1}/{repeats}", progress)
+            for name, values in metrics_from_outputs(outputs, models, splits).items():
+                runs[name].extend(values)
+    finally:
+        gen.train(was_training)
+    return {**summarize(runs), "n_samples": n_samples, "repeats": repeats, "splits": splits}
+
+
+def score_generator_is(gen: nn.Module, c3d: C3D, n_samples: int = 2048, repeats: int = 10, batch_size: int = 32,
+                       splits: int = 1, n_frames: int = 16, level: Optional[int] = None, seed: int = 0,
+                       progress: bool = False) -> Tuple[float, float]:
+    """The protocol's Inception Score of ``gen`` (``c3d`` on the same device): ``(mean, std)``."""
+    result = evaluate_generator(gen, EvalModels(c3d=c3d), n_samples=n_samples, repeats=repeats, splits=splits,
+                                batch_size=batch_size, n_frames=n_frames, level=level, seed=seed, progress=progress)
+    return result["IS"], result["IS_std"]
+
+
+def evaluate_videos(paths: Sequence[Path], models: EvalModels, splits: int = 1, batch_size: int = 32,
+                    n_frames: int = 16, square_crop: bool = True, workers: int = 0,
+                    progress: bool = True) -> Dict[str, object]:
+    """IS / FID / FVD of a fixed set of video files (one run; IS statistics over ``splits``)."""
+    skipped: List[Path] = []
+    batches = folder_batches(paths, batch_size, n_frames, square_crop, workers, skipped)
+    outputs = extract_features(batches, models.extractors(), models.input_device(), len(paths), "videos", progress)
+    n_read = len(paths) - len(skipped)
+    if n_read < max(2, splits):
+        raise InputError(f"only {n_read} of {len(paths)} videos were readable; need at least {max(2, splits)}")
+    result = summarize(metrics_from_outputs(outputs, models, splits))
+    return {**result, "n_samples": n_read, "skipped": len(skipped), "splits": splits}
+
+
+FEATURES = {"fc7": "c3d_fc7", "i3d": "i3d"}  # extractor output -> name recorded in statistics files
+
+
+def real_statistics(models: EvalModels, feature: str, stats_path=None, real_videos=None, batch_size: int = 32,
+                    n_frames: int = 16, max_videos: Optional[int] = None, seed: int = 0, square_crop: bool = True,
+                    workers: int = 0, progress: bool = True) -> Stats:
+    """Real-data ``(mu, sigma)`` of ``feature`` (``"fc7"`` for FID, ``"i3d"`` for FVD), cached as ``.npz``.
+
+    An existing ``stats_path`` is read.  Otherwise the first ``n_frames`` of every video under
+    ``real_videos`` (or a random ``max_videos`` of them, drawn with ``seed``) go through the
+    extractor, and the statistics are written to ``stats_path`` (default
+    ``stats/<folder>_<feature>_<n_frames>f.npz``) for the next run.
+    """
+    name = FEATURES[feature]
+    if (models.c3d if feature == "fc7" else models.i3d) is None:
+        raise ValueError(f"{name} statistics need the {'C3D' if feature == 'fc7' else 'I3D'} model in `models`")
+    if stats_path is None and real_videos is not None:
+        stats_path = Path("stats") / f"{Path(real_videos).resolve().name}_{name}_{n_frames}f.npz"
+    if stats_path is not None and Path(stats_path).is_file():
+        if progress:
+            print(f"using cached real statistics {stats_path} (delete it to recompute)", file=sys.stderr)
+        return load_statistics(stats_path, name)
+    if real_videos is None:
+        raise InputError(f"{stats_path}: real statistics not found; pass --real-videos DIR to compute them"
+                         if stats_path else "real statistics needed: pass --real-videos DIR or --real-stats FILE")
+    paths = find_videos(real_videos)
+    if max_videos is not None and max_videos < len(paths):
+        keep = np.sort(np.random.default_rng(seed).choice(len(paths), max_videos, replace=False))
+        paths = [paths[i] for i in keep]
+    skipped: List[Path] = []
+    only = EvalModels(c3d=models.c3d, device=models.device) if feature == "fc7" else EvalModels(
+        i3d=models.i3d, i3d_size=models.i3d_size, i3d_kwargs=models.i3d_kwargs, device=models.device)
+    batches = folder_batches(paths, batch_size, n_frames, square_crop, workers, skipped)
+    feats = extract_features(batches, only.extractors(), only.input_device(), len(paths), f"real {name}", progress)
+    if feature not in feats or len(feats[feature]) < 2:
+        raise InputError(f"{real_videos}: fewer than 2 readable videos of {n_frames} frames")
+    mu, sigma = feature_statistics(feats[feature])
+    save_statistics(stats_path, mu, sigma, feature=name, n_videos=len(feats[feature]), skipped=len(skipped),
+                    n_frames=n_frames, source=str(real_videos))
+    if progress:
+        print(f"wrote real statistics of {len(feats[feature])} videos to {stats_path}", file=sys.stderr)
+    return mu, sigma
+
+
+def load_generator(path, device="cpu"):
+    """:func:`utils.generator_from_checkpoint` with one-line :class:`InputError` messages."""
+    try:
+        return generator_from_checkpoint(path, device)
+    except (FileNotFoundError, KeyError, RuntimeError, TypeError) as err:
+        message = _first_line(err)
+        raise InputError(message if str(path) in message else f"{path}: {message}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"return_features\": true}'")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    source = common.add_argument_group("videos to score (one of)")
+    pick = source.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--checkpoint", metavar="CKPT",
+                      help="training checkpoint; its generator samples the videos (eval mode, BatchNorm running stats)")
+    pick.add_argument("--videos", metavar="DIR",
+                      help="folder of .gif/.mp4/.avi/.mov/.mkv/.webm/uint8 .npy videos (searched recursively, "
+                           "grid.* skipped); the first --frames frames of each are used")
+    opts = common.add_argument_group("sampling and run options")
+    opts.add_argument("--n-samples", type=_positive_int, default=None,
+                      help="videos per run: default 2048 from a checkpoint; all files of --videos")
+    opts.add_argument("--frames", type=_positive_int, default=16,
+                      help="frames per video (default 16; C3D needs 16)")
+    opts.add_argument("--level", type=_positive_int, default=None,
+                      help="generator level to render (1-based; default the last, full resolution)")
+    opts.add_argument("--batch-size", type=_positive_int, default=32, help="videos per forward pass (default 32)")
+    opts.add_argument("--seed", type=int, default=0,
+                      help="seed of the latents (and of the --max-real subset); default 0")
+    opts.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    opts.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding video files (default 0)")
+    opts.add_argument("--no-square-crop", dest="square_crop", action="store_false",
+                      help="feed non-square video files whole instead of their central square "
+                           "(generated videos are square)")
+    opts.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    opts.add_argument("--quiet", action="store_true", help="no progress bars or notes on stderr")
+
+    c3d = argparse.ArgumentParser(add_help=False)
+    group = c3d.add_argument_group("C3D (UCF-101 fine-tuned, the authors' Chainer files)")
+    group.add_argument("--c3d-weights", required=True, metavar="NPZ",
+                       help="conv3d_deepnetA_ucf.npz: keys conv1a/W, conv1a/b, ..., fc8/W, fc8/b")
+    group.add_argument("--c3d-mean", required=True, metavar="NPZ",
+                       help="mean2.npz: key 'mean', BGR (3, 16, H, W) with H, W >= 120; mean[:, :, 8:120, 8:120] is used")
+
+    i3d = argparse.ArgumentParser(add_help=False)
+    group = i3d.add_argument_group("I3D (Kinetics-400, TorchScript)")
+    group.add_argument("--i3d", required=True, metavar="PT",
+                       help="TorchScript feature extractor, called as i3d(x, **I3D_KWARGS) with x float32 "
+                            "(N, 3, T, S, S), RGB in [-1, 1], T = --frames, S = --i3d-size, frames resized "
+                            "bilinearly; must return (N, D) features (a tuple's first item is used)")
+    group.add_argument("--i3d-size", type=_positive_int, default=224, help="frame size fed to I3D (default 224)")
+    group.add_argument("--i3d-kwargs", type=_json_object, default={}, metavar="JSON",
+                       help="extra keyword arguments for the call, e.g. "
+                            "'{\"rescale\": false, \"resize\": false, \"return_features\": true}'")
+
+    real = argparse.ArgumentParser(add_help=False)
+    group = real.add_argument_group("real-data reference statistics")
+    group.add_argument("--real-stats", metavar="NPZ",
+                       help="cached (mu, sigma) .npz; read if it exists, else computed from --real-videos and "
+                            "written here (default stats/<folder>_<feature>_<frames>f.npz)")
+    group.add_argument("--real-videos", metavar="DIR",
+                       help="folder of real videos (e.g. UCF-101/), first --frames frames of each")
+    group.add_argument("--max-real", type=_positive_int, default=None,
+                       help="use a random subset of this many real videos (default all)")
+
+    parser = argparse.ArgumentParser(
+        description="Inception Score / FID (C3D, UCF-101) and FVD (I3D) of a TGANv2 checkpoint or a folder of videos.",
+        epilog="Errors about missing or malformed files are printed as one line with exit status 1.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{is,fid,fvd}")
+    for name, parents, repeats, help_text in (
+        ("is", [common, c3d], 10, "Inception Score: softmax of C3D fc8; protocol 2048 samples, 1 split, 10 repeats"),
+        ("fid", [common, c3d, real], 1, "FID: Fréchet distance of C3D fc7 features to the real statistics"),
+        ("fvd", [common, i3d, real], 1, "FVD: Fréchet distance of I3D features to the real statistics"),
+    ):
+        cmd = sub.add_parser(name, parents=parents, help=help_text, description=help_text)
+        cmd.add_argument("--repeats", type=_positive_int, default=None,
+                         help=f"fresh sample sets drawn from --checkpoint, reported as mean ± std (default {repeats}); "
+                              "a --videos folder is scored once")
+        if name == "is":
+            cmd.add_argument("--splits", type=_positive_int, default=1,
+                             help="splits per sample set; the score's std is over all splits of all repeats (default 1)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> Dict[str, object]:
+    """Load what ``args`` names, score, and return the results of ``args.command``."""
+    device = pick_device(args.device)
+    progress = not args.quiet
+    metric = {"is": "IS", "fid": "FID", "fvd": "FVD"}[args.command]
+    # cheap checks first: the C3D weights take a while to load
+    if args.checkpoint:
+        gen, ckpt = load_generator(args.checkpoint, device)
+        if args.level is not None and args.level > gen.n_levels:
+            raise InputError(f"--level {args.level}: the generator has levels 1..{gen.n_levels}")
+    else:
+        if args.level is not None:
+            raise InputError("--level applies to --checkpoint only")
+        paths = find_videos(args.videos)[: args.n_samples]
+    if args.command != "is" and not (args.real_stats or args.real_videos):
+        raise InputError(f"{metric} needs real statistics: pass --real-videos DIR or --real-stats FILE")
+    models = EvalModels(device=device)
+    if args.command in ("is", "fid"):
+        models.c3d = load_c3d(args.c3d_weights, args.c3d_mean, device)
+    else:
+        models.i3d = load_i3d(args.i3d, device)
+        models.i3d_size, models.i3d_kwargs = args.i3d_size, args.i3d_kwargs
+    if args.command != "is":
+        stats = real_statistics(models, "fc7" if args.command == "fid" else "i3d", args.real_stats, args.real_videos,
+                                batch_size=args.batch_size, n_frames=args.frames, max_videos=args.max_real,
+                                seed=args.seed, square_crop=args.square_crop, workers=args.workers, progress=progress)
+        if args.command == "fid":
+            models.c3d_stats = stats
+        else:
+            models.i3d_stats = stats
+    splits = getattr(args, "splits", 1)
+    if args.checkpoint:
+        repeats = args.repeats or (10 if args.command == "is" else 1)
+        result = evaluate_generator(gen, models, n_samples=args.n_samples or 2048, repeats=repeats,
+                                    splits=splits, batch_size=args.batch_size, n_frames=args.frames,
+                                    level=args.level, seed=args.seed, progress=progress)
+        result["source"], result["iteration"] = str(args.checkpoint), ckpt.get("iteration")
+    else:
+        if (args.repeats or 1) > 1 and progress:
+            print(f"note: a folder is scored once; --repeats {args.repeats} ignored", file=sys.stderr)
+        result = evaluate_videos(paths, models, splits=splits, batch_size=args.batch_size, n_frames=args.frames,
+                                 square_crop=args.square_crop, workers=args.workers, progress=progress)
+        result["source"] = str(args.videos)
+    keep = {metric, f"{metric}_std", f"{metric}_runs", "n_samples", "repeats", "splits", "skipped", "source", "iteration"}
+    return {"metric": metric, **{k: v for k, v in result.items() if k in keep}}
+
+
+def format_result(result: Dict[str, object]) -> str:
+    """One human-readable line, e.g. ``IS 24.31 ± 0.45 (10 x 2048 samples, 1 split) runs/x.pt``."""
+    metric = result["metric"]
+    value = f"{metric} {result[metric]:.4f}"
+    if len(result[f"{metric}_runs"]) > 1:
+        value += f" ± {result[f'{metric}_std']:.4f}"
+    runs = f"{result['repeats']} x " if result.get("repeats", 1) > 1 else ""
+    detail = f"{runs}{result['n_samples']} samples"
+    if metric == "IS":
+        detail += f", {result['splits']} split{'s' if result['splits'] > 1 else ''}"
+    if result.get("skipped"):
+        detail += f", {result['skipped']} unreadable skipped"
+    return f"{value} ({detail}) {result['source']}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except InputError as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(result) if args.json else format_result(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Sample videos from a trained TGANv2 generator checkpoint.
+
+    python generate.py --checkpoint runs/movingmnist/checkpoint.pt --n 16 --frames 32 --out samples/
+
+writes ``samples/video_0000.gif`` ... ``video_0015.gif`` and ``samples/grid.gif``.  Generation is
+dense (every frame of every sample, BatchNorm running statistics) at the chosen level; asking for
+more frames than the model was trained on just unrolls the ConvLSTM further.
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from evaluate import InputError, load_generator
+from utils import make_grid, pick_device, to_uint8, write_video
+
+FORMATS = ("gif", "mp4", "png", "npy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Write videos sampled from a TGANv2 generator checkpoint, one file each plus a grid.",
+        epilog="Errors (missing checkpoint, bad values) are printed as one line with exit status 1.")
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="training checkpoint (checkpoint.pt)")
+    parser.add_argument("--n", type=int, default=16, help="number of videos (default 16)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="frames per video (default: the training length); longer works")
+    parser.add_argument("--level", type=int, default=None,
+                        help="level to render, 1 (coarsest) .. L (default L, full resolution)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the latents z (default 0)")
+    parser.add_argument("--format", choices=FORMATS, default="gif",
+                        help="gif/mp4 animations, png (frames side by side) or npy (uint8 (T, H, W, C)); default gif")
+    parser.add_argument("--out", default="samples", metavar="DIR", help="output folder (default samples/)")
+    parser.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True,
+                        help="also write grid.<format> tiling the first --grid-n videos (default on)")
+    parser.add_argument("--grid-n", type=int, default=64, help="videos in the grid (default 64)")
+    parser.add_argument("--nrow", type=int, default=None, help="videos per grid row (default ceil(sqrt(grid size)))")
+    parser.add_argument("--fps", type=float, default=8.0, help="frames per second of gif/mp4 (default 8)")
+    parser.add_argument("--batch-size", type=int, default=32, help="videos generated per forward pass (default 32)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject out-of-range values with one clear message (before loading anything)."""
+    for name in ("n", "frames", "grid_n", "nrow", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.level is not None and args.level < 1:
+        raise InputError(f"--level must be >= 1, got {args.level}")
+    if not args.fps > 0:
+        raise InputError(f"--fps must be > 0, got {args.fps}")
+
+
+@torch.no_grad()
+def sample(gen: torch.nn.Module, n: int, n_frames: int, level: Optional[int], seed: int,
+           batch_size: int = 32) -> Iterator[torch.Tensor]:
+    """``n`` dense samples in batches ``(B, C, n_frames, H, W)`` in ``[-1, 1]``, on the CPU.
+
+    The latents come from a private generator seeded with ``seed``, so a seed names a set of videos.
+    """
+    device = next(gen.parameters()).device
+    rng = torch.Generator(device=device).manual_seed(seed)
+    for start in range(0, n, batch_size):
+        z = gen.sample_z(min(batch_size, n - start), device, generator=rng)
+        yield gen.generate(z, n_frames=n_frames, level=level).clamp_(-1, 1).cpu()
+
+
+def save_one(frames: np.ndarray, path: Path, fps: float) -> None:
+    """uint8 frames ``(T, H, W, C)`` to ``path`` (``.npy`` as the raw array, else :func:`utils.write_video`)."""
+    if path.suffix == ".npy":
+        np.save(path, frames)
+    else:
+        write_video(path, frames, fps)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        device = pick_device(args.device)
+        gen, ckpt = load_generator(args.checkpoint, device)
+        if args.level is not None and args.level > gen.n_levels:
+            raise InputError(f"--level {args.level}: the generator has levels 1..{gen.n_levels}")
+    except InputError as err:
+        print(f"generate.py: error: {err}", file=sys.stderr)
+        return 1
+    n_frames = args.frames or gen.cfg.n_frames
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid_videos = []
+    index = 0
+    for videos in sample(gen, args.n, n_frames, args.level, args.seed, args.batch_size):
+        for frames in to_uint8(videos):
+            save_one(frames, out / f"video_{index:04d}.{args.format}", args.fps)
+            index += 1
+        if args.grid:
+            grid_videos.append(videos[: max(0, args.grid_n - sum(len(v) for v in grid_videos))])
+    written = f"{index} videos ({n_frames} frames, {tuple(videos.shape[-2:])} px, level {args.level or gen.n_levels})"
+    if args.grid:
+        grid = torch.cat(grid_videos)
+        nrow = args.nrow or math.ceil(math.sqrt(len(grid)))
+        save_one(make_grid(grid, nrow), out / f"grid.{args.format}", args.fps)
+        written += f" and grid.{args.format}"
+    print(f"wrote {written} to {out} (iteration {ckpt.get('iteration', '?')} of {args.checkpoint})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -398,13 +398,37 @@ def downsample_video(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool3d(x, kernel)
 
 
+def cpu_bf16_active(x: torch.Tensor) -> bool:
+    """Whether a convolution of ``x`` runs in bf16 on the CPU (explicitly or under autocast)."""
+    if x.device.type != "cpu":
+        return False
+    return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
+class Conv3x3x3(nn.Conv3d):
+    """3x3x3 convolution with padding 1: ``(N, C_in, T, H, W) -> (N, C_out, T, H, W)``.
+
+    oneDNN's bf16 CPU kernel (torch 2.14) returns a wrong weight gradient for 2-frame inputs with
+    implicit temporal padding, so there the time axis is zero-padded explicitly (same result).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__(in_ch, out_ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] == 2 and cpu_bf16_active(x):
+            return F.conv3d(F.pad(x, (0, 0, 0, 0, 1, 1)), self.weight, self.bias, padding=(0, 1, 1))
+        return super().forward(x)
+
+
 class OptimizedDisBlock(nn.Module):
     """First discriminator block: ``(N, C, T, H, W) -> (N, ch, T, H/2, W/2)``."""
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
-        self.conv1 = nn.Conv3d(in_ch, out_ch, 3, padding=1)
-        self.conv2 = nn.Conv3d(out_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv3x3x3(in_ch, out_ch)
+        self.conv2 = Conv3x3x3(out_ch, out_ch)
         self.shortcut = nn.Conv3d(in_ch, out_ch, 1)
         init_conv(self.conv1, math.sqrt(2))
         init_conv(self.conv2, math.sqrt(2))
@@ -420,8 +444,8 @@ class DisBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
-        self.conv1 = nn.Conv3d(in_ch, in_ch, 3, padding=1)
-        self.conv2 = nn.Conv3d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv3x3x3(in_ch, in_ch)
+        self.conv2 = Conv3x3x3(in_ch, out_ch)
         self.shortcut = nn.Conv3d(in_ch, out_ch, 1)
         init_conv(self.conv1, math.sqrt(2))
         init_conv(self.conv2, math.sqrt(2))

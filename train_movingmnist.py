@@ -33,6 +33,8 @@ DEFAULTS = dict(
     seed=0,
     device="auto",
     amp="none",
+    compile=False,
+    channels_last=False,
     workers=2,
     sample_grid=8,
 )

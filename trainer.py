@@ -78,6 +78,10 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["none", "bf16"], help="bf16 autocast for the networks (losses and R1 stay fp32)")
     p.add_argument("--workers", type=int, help="DataLoader worker processes (0 = load in the main process)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile G and the fake-data pass of D (R1's double backward stays eager)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="channels-last memory layout for the 2-D generator and the 3-D discriminators")
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun, compute the generator's BatchNorm statistics over all processes")
     p.add_argument("--sample-grid", type=positive_int,
@@ -106,7 +110,14 @@ class Trainer:
         gen, dis = build_models(cfg)
         if getattr(args, "sync_bn", False):
             convert_sync_batchnorm(gen)
+        self.channels_last = getattr(args, "channels_last", False)
+        if self.channels_last:
+            gen, dis = gen.to(memory_format=torch.channels_last), dis.to(memory_format=torch.channels_last_3d)
         self.gen, self.dis = gen.to(device), dis.to(device)
+        # Compiled graphs do not support the double backward of R1, so D runs eagerly on real data.
+        compile_ = getattr(args, "compile", False)
+        self.gen_forward = torch.compile(self.gen) if compile_ else self.gen
+        self.dis_fake = torch.compile(self.dis) if compile_ else self.dis
         adam = dict(betas=(args.beta1, args.beta2), eps=1e-8)
         if device.type == "cuda":
             adam["fused"] = True
@@ -125,15 +136,17 @@ class Trainer:
     def step(self, x_real: torch.Tensor, z: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """One G update and one D update; ``z`` defaults to fresh ``U(-1, 1)`` latents."""
         cfg = self.cfg
+        if self.channels_last:
+            x_real = x_real.contiguous(memory_format=torch.channels_last_3d)
         real = [x.detach().requires_grad_(True)
                 for x in real_pyramid(x_real, cfg.subsample_frames, cfg.subsample_batch)]
         z = self.gen.sample_z(x_real.shape[0]) if z is None else z
         with self.autocast():
             y_real = self.dis(real)
-            fake = self.gen(z)
+            fake = self.gen_forward(z)
             # D sees a detached copy so the generator graph can be freed right after its backward.
             fake_in = [x.detach().requires_grad_(True) for x in fake]
-            y_fake = self.dis(fake_in)
+            y_fake = self.dis_fake(fake_in)
 
         # 1. generator: gradient of L_G w.r.t. the renders, then through G only (D's grads discarded).
         loss_g = generator_loss(y_fake)

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import scipy.linalg
 import scipy.special
 import torch
 import torch.nn as nn
@@ -93,13 +92,14 @@ def feature_statistics(feats: np.ndarray) -> Stats:
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Fréchet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)``.
 
-    ``||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))`` with means ``(D,)`` and
-    covariances ``(D, D)``.  A non-finite matrix square root (singular product) is retried with
-    ``eps`` added to both diagonals; the numerical-noise imaginary part is dropped.
+    ``||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))`` with means ``(D,)``
+    and covariances ``(D, D)``.  The trace term is computed with two symmetric eigendecompositions:
+    ``(sigma1 sigma2)^(1/2)`` has the eigenvalues of ``A sigma2 A`` with ``A = sigma1^(1/2)``, which
+    is symmetric PSD — exact, stable for singular covariances, and far faster than ``sqrtm`` for the
+    4096-dimensional C3D features.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -107,19 +107,11 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise ValueError(f"mismatched statistics: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}")
     diff = mu1 - mu2
-    with warnings.catch_warnings():
-        # covariances from fewer samples than dimensions are singular; handled below
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(d) * eps
-            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        imag = np.abs(np.diagonal(covmean).imag).max()
-        if imag > 1e-3 * max(1.0, np.abs(np.diagonal(covmean).real).max()):
-            warnings.warn(f"Fréchet distance: sqrtm has an imaginary part of {imag:.3g}; the result is unreliable")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    values, vectors = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    sqrt_sigma1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    middle = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
 
 
 # ---------------------------------------------------------------------------------------------

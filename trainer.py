@@ -26,7 +26,8 @@ from utils import (all_reduce_mean_, append_jsonl, average_gradients, broadcast_
 
 # Flags that define the experiment: on --resume they come from the checkpoint, not the command line.
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
-                   "subsample_frames", "subsample_batch", "lr_decay_start", "seed")
+                   "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
+                   "split", "sync_bn")
 
 
 class TrainingDiverged(RuntimeError):
@@ -233,16 +234,16 @@ def gather_rng_states(world_size: int) -> list:
     return states
 
 
-def train(args, dataset, gen_samples: Callable, describe_data: str = "") -> dict:
+def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: Optional[dict] = None) -> dict:
     """Run the SPEC §5 loop on ``dataset`` (clips ``(C, T, H, W)`` keyed by ``(index, seed)``).
 
-    Writes ``OUT/config.json``, ``OUT/metrics.jsonl``, ``OUT/samples/`` (through ``gen_samples``)
-    and ``OUT/checkpoint.pt`` — on rank 0 only under torchrun.  Returns the last logged metrics.
+    ``ckpt`` is the checkpoint to continue from (see :func:`resolve_resume`).  Writes
+    ``OUT/config.json``, ``OUT/metrics.jsonl``, ``OUT/samples/`` (through ``gen_samples``) and
+    ``OUT/checkpoint.pt`` — on rank 0 only under torchrun.  Returns the last logged metrics.
     """
     out = Path(args.out)
     rank, world_size, device = init_distributed(args.device)
     is_main = rank == 0
-    ckpt = resolve_resume(args)
     seed_everything(args.seed)  # identical initial weights on every rank
     cfg = model_config(args.preset, resolution=getattr(args, "resolution", None), n_frames=args.n_frames,
                        subsample_frames=args.subsample_frames, subsample_batch=args.subsample_batch)
@@ -362,8 +363,9 @@ def main(description: str, defaults: Dict, open_dataset: Callable, gen_samples: 
         add_arguments(parser)
     args = parser.parse_args(argv)
     try:
+        ckpt = resolve_resume(args)  # first: the checkpoint's settings decide how the data is opened
         dataset, describe = open_dataset(args)
-        return train(args, dataset, gen_samples, describe)
+        return train(args, dataset, gen_samples, describe, ckpt)
     except (FileNotFoundError, ValueError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1)

@@ -30,7 +30,7 @@ from torch.utils.flop_counter import flop_registry
 from types import SimpleNamespace
 
 from datasets import ResumableBatchSampler, open_video_dataset
-from models import build_models, count_parameters, model_config
+from models import build_models, count_parameters, level_labels, model_config
 from trainer import Trainer, int_list
 from utils import pick_device
 
@@ -279,17 +279,19 @@ class LevelCounter(TorchDispatchMode):
 
 
 def measure_costs(preset: str = "paper", batch_size: int = 8, n_frames: int = 16, frame_stride: int = 2,
-                  batch_stride: int = 2) -> dict:
+                  batch_stride: int = 2, n_classes: int = 0) -> dict:
     """Per-level forward GFLOPs and activation bytes of G and D in every mode, plus parameter counts.
 
     Built on the meta device: nothing is allocated or computed, so any preset runs anywhere.
-    D is measured on the generator's renders of the same mode (all four levels).
+    D is measured on the generator's renders of the same mode (all four levels).  ``n_classes > 0``
+    measures the class-conditional model (categorical BatchNorm, projection discriminators).
     """
-    cfg = model_config(preset, n_frames=n_frames)
+    cfg = model_config(preset, n_frames=n_frames, n_classes=n_classes)
     with torch.device("meta"):
         gen, dis = build_models(cfg)
     n_levels = cfg.n_levels
-    result = {"preset": preset, "batch_size": batch_size, "n_frames": n_frames,
+    labels = torch.zeros(batch_size, dtype=torch.long, device="meta") if n_classes else None
+    result = {"preset": preset, "batch_size": batch_size, "n_frames": n_frames, "n_classes": n_classes,
               "params": {"G": count_parameters(gen), "D": count_parameters(dis)},
               "gflops": {"G": {}, "D": {}}, "activation_bytes": {"G": {}, "D": {}}}
     for mode in MODES:
@@ -298,7 +300,7 @@ def measure_costs(preset: str = "paper", batch_size: int = 8, n_frames: int = 16
         counter = LevelCounter(n_levels)
         handles = counter.track(gen, generator_level_of)
         with counter, torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-            renders = gen(z, n_frames, frames, batch)
+            renders = gen(z, n_frames, frames, batch, labels=labels)
         for h in handles:
             h.remove()
         result["gflops"]["G"][mode] = [f / 1e9 for f in counter.flops]
@@ -307,7 +309,7 @@ def measure_costs(preset: str = "paper", batch_size: int = 8, n_frames: int = 16
         handles = counter.track(dis, discriminator_level_of)
         renders = [r.detach().requires_grad_(True) for r in renders]
         with counter, torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-            dis(renders)
+            dis(renders, level_labels(labels, batch))
         for h in handles:
             h.remove()
         result["gflops"]["D"][mode] = [f / 1e9 for f in counter.flops]
@@ -423,20 +425,24 @@ def add_costs_parser(subparsers) -> None:
     p.add_argument("--n-frames", type=int, default=16, help="frames per video")
     p.add_argument("--frame-stride", type=int, default=2, help="frame stride of the frame and proposed modes")
     p.add_argument("--batch-stride", type=int, default=2, help="batch stride of the batch and proposed modes")
+    p.add_argument("--conditional", type=int, nargs="?", const=101, default=0, metavar="CLASSES",
+                   help="measure the class-conditional model with CLASSES classes (101 = UCF-101 when given alone)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=run_costs)
 
 
 def run_costs(args) -> dict:
-    costs = measure_costs(args.preset, args.batch_size, args.n_frames, args.frame_stride, args.batch_stride)
-    paper_setting = (args.preset, args.batch_size, args.n_frames, args.frame_stride, args.batch_stride) == (
-        "paper", 8, 16, 2, 2)
+    costs = measure_costs(args.preset, args.batch_size, args.n_frames, args.frame_stride, args.batch_stride,
+                          args.conditional)
+    paper_setting = (args.preset, args.batch_size, args.n_frames, args.frame_stride, args.batch_stride,
+                     args.conditional) == ("paper", 8, 16, 2, 2, 0)
     if paper_setting:
         costs["paper_agreement"] = paper_agreement(costs)
     if args.json:
         print(json.dumps(costs, indent=2))
         return costs
-    print(f"{args.preset} preset, batch {args.batch_size}, {args.n_frames} frames; parameters: "
+    kind = f"conditional ({args.conditional} classes) " if args.conditional else ""
+    print(f"{kind}{args.preset} preset, batch {args.batch_size}, {args.n_frames} frames; parameters: "
           f"G {costs['params']['G']:,}, D {costs['params']['D']:,}")
     for net in ("G", "D"):
         naive_flops = sum(costs["gflops"][net]["naive"])

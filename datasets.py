@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from models import subsample
+from models import level_labels, subsample
 
 MOVING_MNIST_URL = "http://www.cs.toronto.edu/~nitish/unsupervised_video/mnist_test_seq.npy"
 
@@ -273,16 +273,13 @@ def real_pyramid(x: torch.Tensor, frame_strides: Sequence[int], batch_strides: S
     with the same batch strides, when ``labels`` is given).
     """
     n_levels = len(frame_strides) + 1
-    levels, level_labels = [], []
+    levels = []
     for level in range(n_levels):
         if level > 0:
             x = subsample(x, frame_strides[level - 1], batch_strides[level - 1], time_dim=2)
-            if labels is not None:
-                labels = labels[:: batch_strides[level - 1]]
         factor = 2 ** (n_levels - 1 - level)
         levels.append(F.avg_pool3d(x, (1, factor, factor)) if factor > 1 else x.contiguous())
-        level_labels.append(labels)
-    return (levels, level_labels) if labels is not None else levels
+    return (levels, level_labels(labels, batch_strides)) if labels is not None else levels
 
 
 # ---------------------------------------------------------------------------------------------

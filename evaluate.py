@@ -455,12 +455,38 @@ def folder_batches(paths: Sequence[Path], batch_size: int = 32, n_frames: int = 
 
 @torch.no_grad()
 def generated_batches(gen: nn.Module, n_samples: int, batch_size: int = 32, n_frames: int = 16,
-                      level: Optional[int] = None, rng: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
-    """Dense samples of ``gen`` in batches ``(B, C, n_frames, H, W)`` in ``[-1, 1]``, ``n_samples`` in all."""
+                      level: Optional[int] = None, rng: Optional[torch.Generator] = None,
+                      labels: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
+    """Dense samples of ``gen`` in batches ``(B, C, n_frames, H, W)`` in ``[-1, 1]``, ``n_samples`` in all.
+
+    ``labels`` ``(n_samples,)`` are the classes of a conditional generator (see :func:`sample_classes`).
+    """
     device = next(gen.parameters()).device
     for start in range(0, n_samples, batch_size):
         z = gen.sample_z(min(batch_size, n_samples - start), device, generator=rng)
-        yield gen.generate(z, n_frames=n_frames, level=level).clamp_(-1, 1)
+        y = None if labels is None else labels[start : start + len(z)].to(device)
+        yield gen.generate(z, n_frames=n_frames, level=level, labels=y).clamp_(-1, 1)
+
+
+def sample_classes(gen: nn.Module, n_samples: int, rng: Optional[torch.Generator] = None,
+                   class_id: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Classes ``(n_samples,)`` for a conditional ``gen``: all ``class_id``, or uniformly drawn; ``None`` if unconditional."""
+    if not gen.cfg.n_classes:
+        return None
+    if class_id is not None:
+        return torch.full((n_samples,), class_id, dtype=torch.long)
+    device = next(gen.parameters()).device
+    return gen.sample_labels(n_samples, device, generator=rng).cpu()
+
+
+def class_accuracy(probs: np.ndarray, labels: np.ndarray, n_classes: int) -> Dict[str, object]:
+    """How often C3D's top class is the class a conditional generator was asked for.
+
+    Returns ``{"accuracy": overall, "class_accuracy": [per class, NaN where never drawn]}``.
+    """
+    hits = probs.argmax(axis=1) == labels
+    per_class = [float(hits[labels == c].mean()) if (labels == c).any() else float("nan") for c in range(n_classes)]
+    return {"accuracy": float(hits.mean()), "class_accuracy": per_class}
 
 
 def _same_shape_groups(batch: Batch) -> Iterator[torch.Tensor]:
@@ -568,24 +594,33 @@ def evaluate_generator(gen: nn.Module, models: EvalModels, n_samples: int = 2048
     latents).  BatchNorm uses running statistics (eval mode); ``gen``'s mode is restored after.
     Returns ``{"IS": mean, "IS_std": std, "IS_runs": [...], "FID": ..., "FVD": ..., "n_samples",
     "repeats", "splits"}``; IS statistics are over all splits of all repeats (the protocol: 1
-    split, 10 repeats of 2048).
+    split, 10 repeats of 2048).  A conditional generator samples uniformly drawn classes, and with
+    C3D the result also has ``accuracy`` (C3D's top class = the requested class; mean over repeats)
+    and ``class_accuracy`` (per class, first repeat).
     """
     device = next(gen.parameters()).device
     rng = torch.Generator(device=device).manual_seed(seed)
     extractors = models.extractors()
     runs: Dict[str, list] = defaultdict(list)
+    accuracy: Dict[str, object] = {}
     was_training = gen.training
     gen.eval()
     try:
         for repeat in range(repeats):
-            batches = generated_batches(gen, n_samples, batch_size, n_frames, level, rng)
+            labels = sample_classes(gen, n_samples, rng)  # conditional: uniformly drawn classes
+            batches = generated_batches(gen, n_samples, batch_size, n_frames, level, rng, labels)
             outputs = extract_features(batches, extractors, device, n_samples,
                                        f"sampling {repeat + 1}/{repeats}", progress)
             for name, values in metrics_from_outputs(outputs, models, splits).items():
                 runs[name].extend(values)
+            if labels is not None and "probs" in outputs:
+                runs["accuracy"].append(class_accuracy(outputs["probs"], labels.numpy(), gen.cfg.n_classes)["accuracy"])
+                if repeat == 0:
+                    accuracy = class_accuracy(outputs["probs"], labels.numpy(), gen.cfg.n_classes)
     finally:
         gen.train(was_training)
-    return {**summarize(runs), "n_samples": n_samples, "repeats": repeats, "splits": splits}
+    per_class = {"class_accuracy": accuracy["class_accuracy"]} if accuracy else {}
+    return {**summarize(runs), **per_class, "n_samples": n_samples, "repeats": repeats, "splits": splits}
 
 
 def score_generator_is(gen: nn.Module, c3d: C3D, n_samples: int = 2048, repeats: int = 10, batch_size: int = 32,
@@ -659,7 +694,7 @@ def load_generator(path, device="cpu"):
     """:func:`utils.generator_from_checkpoint` with one-line :class:`InputError` messages."""
     try:
         return generator_from_checkpoint(path, device)
-    except (FileNotFoundError, KeyError, RuntimeError, TypeError) as err:
+    except (FileNotFoundError, KeyError, RuntimeError, TypeError, ValueError) as err:
         message = _first_line(err)
         raise InputError(message if str(path) in message else f"{path}: {message}") from None
 
@@ -819,6 +854,8 @@ def format_result(result: Dict[str, object]) -> str:
         detail += f", {result['splits']} split{'s' if result['splits'] > 1 else ''}"
     if result.get("skipped"):
         detail += f", {result['skipped']} unreadable skipped"
+    if "accuracy" in result:  # conditional generator scored with C3D
+        detail += f", uniformly drawn classes; C3D accuracy {100 * result['accuracy']:.1f}%"
     return f"{value} ({detail}) {result['source']}"
 
 

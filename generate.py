@@ -16,7 +16,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from evaluate import InputError, load_generator
+from evaluate import InputError, generated_batches, load_generator, sample_classes
 from utils import make_grid, pick_device, to_uint8, write_video
 
 FORMATS = ("gif", "mp4", "png", "npy")
@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--level", type=int, default=None,
                         help="level to render, 1 (coarsest) .. L (default L, full resolution)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents z (default 0)")
+    parser.add_argument("--class", dest="class_", metavar="NAME|ID",
+                        help="conditional checkpoints: generate this class (a name of the checkpoint's class list, "
+                             "or its 0-based index); default: uniformly drawn classes")
     parser.add_argument("--format", choices=FORMATS, default="gif",
                         help="gif/mp4 animations, png (frames side by side) or npy (uint8 (T, H, W, C)); default gif")
     parser.add_argument("--out", default="samples", metavar="DIR", help="output folder (default samples/)")
@@ -58,18 +61,35 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--fps must be > 0, got {args.fps}")
 
 
+def resolve_class(spec: Optional[str], classes: Optional[Sequence[str]]) -> Optional[int]:
+    """``--class NAME|ID`` -> a 0-based class index of the checkpoint's class list (case-insensitive names)."""
+    if spec is None:
+        return None
+    if not classes:
+        raise InputError(f"--class {spec}: the checkpoint is unconditional (trained without --conditional)")
+    if spec.isdigit():
+        if int(spec) >= len(classes):
+            raise InputError(f"--class {spec}: class ids are 0..{len(classes) - 1}")
+        return int(spec)
+    lowered = [c.lower() for c in classes]
+    if spec.lower() not in lowered:
+        raise InputError(f"--class {spec}: not a class of this checkpoint (e.g. {', '.join(classes[:5])}, ...)")
+    return lowered.index(spec.lower())
+
+
 @torch.no_grad()
 def sample(gen: torch.nn.Module, n: int, n_frames: int, level: Optional[int], seed: int,
-           batch_size: int = 32) -> Iterator[torch.Tensor]:
+           batch_size: int = 32, class_id: Optional[int] = None) -> Iterator[torch.Tensor]:
     """``n`` dense samples in batches ``(B, C, n_frames, H, W)`` in ``[-1, 1]``, on the CPU.
 
-    The latents come from a private generator seeded with ``seed``, so a seed names a set of videos.
+    The latents (and, for a conditional model without ``class_id``, the classes) come from a private
+    generator seeded with ``seed``, so a seed names a set of videos.
     """
     device = next(gen.parameters()).device
     rng = torch.Generator(device=device).manual_seed(seed)
-    for start in range(0, n, batch_size):
-        z = gen.sample_z(min(batch_size, n - start), device, generator=rng)
-        yield gen.generate(z, n_frames=n_frames, level=level).clamp_(-1, 1).cpu()
+    labels = sample_classes(gen, n, rng, class_id)
+    for videos in generated_batches(gen, n, batch_size, n_frames, level, rng, labels):
+        yield videos.cpu()
 
 
 def save_one(frames: np.ndarray, path: Path, fps: float) -> None:
@@ -88,6 +108,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         gen, ckpt = load_generator(args.checkpoint, device)
         if args.level is not None and args.level > gen.n_levels:
             raise InputError(f"--level {args.level}: the generator has levels 1..{gen.n_levels}")
+        classes = ckpt.get("config", {}).get("classes")
+        class_id = resolve_class(args.class_, classes)
     except InputError as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 1
@@ -96,13 +118,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     grid_videos = []
     index = 0
-    for videos in sample(gen, args.n, n_frames, args.level, args.seed, args.batch_size):
+    for videos in sample(gen, args.n, n_frames, args.level, args.seed, args.batch_size, class_id):
         for frames in to_uint8(videos):
             save_one(frames, out / f"video_{index:04d}.{args.format}", args.fps)
             index += 1
         if args.grid:
             grid_videos.append(videos[: max(0, args.grid_n - sum(len(v) for v in grid_videos))])
-    written = f"{index} videos ({n_frames} frames, {tuple(videos.shape[-2:])} px, level {args.level or gen.n_levels})"
+    written = f"{index} videos ({n_frames} frames, {tuple(videos.shape[-2:])} px, level {args.level or gen.n_levels}"
+    written += f", class {classes[class_id]})" if class_id is not None else ")"
     if args.grid:
         grid = torch.cat(grid_videos)
         nrow = args.nrow or math.ceil(math.sqrt(len(grid)))

@@ -36,6 +36,7 @@ class ModelConfig:
     n_frames: int = 16
     subsample_frames: List[int] = field(default_factory=lambda: [2, 2, 2])
     subsample_batch: List[int] = field(default_factory=lambda: [1, 1, 1])
+    n_classes: int = 0  # > 0: class-conditional (categorical BN in G, projection in every D)
 
     @property
     def n_levels(self) -> int:
@@ -157,8 +158,10 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(var.detach() * n / (n - 1).clamp_min(1), self.momentum)
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        shift = self.bias - mean * scale
+        scale = torch.rsqrt(var + self.eps)
+        if self.affine:
+            scale = self.weight * scale
+        shift = -mean * scale + (self.bias if self.affine else 0)
         return (xf * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(x.dtype)
 
 
@@ -166,7 +169,8 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """Swap every ``nn.BatchNorm2d`` in ``module`` for :class:`SyncBatchNorm2d`, keeping its state."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
-            sync = SyncBatchNorm2d(child.num_features, child.eps, child.momentum).to(child.weight.device)
+            sync = SyncBatchNorm2d(child.num_features, child.eps, child.momentum, affine=child.affine)
+            sync = sync.to(child.running_mean.device)
             sync.load_state_dict(child.state_dict())
             setattr(module, name, sync)
         else:
@@ -224,37 +228,66 @@ class ConvLSTM(nn.Module):
         return torch.stack(outputs, dim=1)
 
 
+class CategoricalBatchNorm2d(nn.Module):
+    """BatchNorm2d with a per-class scale and shift (initialised to 1 and 0).
+
+    ``forward(x, labels)``: ``x`` ``(B, C, H, W)``, ``labels`` ``(B,)`` class indices.  The
+    normalisation itself is an affine-free ``nn.BatchNorm2d`` (``norm``), so ``--sync-bn`` applies.
+    """
+
+    def __init__(self, channels: int, n_classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.scale = nn.Embedding(n_classes, channels)
+        self.shift = nn.Embedding(n_classes, channels)
+        nn.init.ones_(self.scale.weight)
+        nn.init.zeros_(self.shift.weight)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * self.scale(labels)[:, :, None, None] + self.shift(labels)[:, :, None, None]
+
+
+def make_norm(channels: int, n_classes: int) -> nn.Module:
+    """The generator's BatchNorm: plain, or categorical when ``n_classes > 0``."""
+    return CategoricalBatchNorm2d(channels, n_classes) if n_classes else nn.BatchNorm2d(channels)
+
+
+def normalize(norm: nn.Module, x: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+    """Apply a :func:`make_norm` layer; ``labels`` (one per row of ``x``) only matter when conditional."""
+    return norm(x, labels) if isinstance(norm, CategoricalBatchNorm2d) else norm(x)
+
+
 class UpBlock(nn.Module):
     """2-D ResNet up-block applied per frame: ``(B, in, H, W) -> (B, out, 2H, 2W)``."""
 
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, n_classes: int = 0):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_ch)
+        self.bn1 = make_norm(in_ch, n_classes)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.bn2 = make_norm(out_ch, n_classes)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1)
         init_conv(self.conv1, math.sqrt(2))
         init_conv(self.conv2, math.sqrt(2))
         init_conv(self.shortcut, 1.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.interpolate(F.relu(self.bn1(x)), scale_factor=2, mode="nearest")
-        h = self.conv2(F.relu(self.bn2(self.conv1(h))))
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = F.interpolate(F.relu(normalize(self.bn1, x, labels)), scale_factor=2, mode="nearest")
+        h = self.conv2(F.relu(normalize(self.bn2, self.conv1(h), labels)))
         return h + self.shortcut(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
 class RenderHead(nn.Module):
     """``BN -> ReLU -> conv3x3 -> tanh``: features ``(B, C, H, W)`` to images ``(B, out, H, W)``."""
 
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, n_classes: int = 0):
         super().__init__()
-        self.bn = nn.BatchNorm2d(in_ch)
+        self.bn = make_norm(in_ch, n_classes)
         self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         init_conv(self.conv, 1.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.conv(F.relu(self.bn(x))))
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.tanh(self.conv(F.relu(normalize(self.bn, x, labels))))
 
 
 def subsample(
@@ -288,31 +321,44 @@ def unfold_time(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.view(n, -1, *x.shape[1:]).transpose(1, 2)
 
 
+def level_labels(labels: Optional[torch.Tensor], batch_strides: Sequence[int]) -> list:
+    """Class labels ``(N,)`` of every level after the cumulative batch strides (``None`` stays ``None``)."""
+    out = [labels]
+    for stride in batch_strides:
+        out.append(None if out[-1] is None else out[-1][::stride])
+    return out
+
+
+def frame_labels(labels: Optional[torch.Tensor], n_frames: int) -> Optional[torch.Tensor]:
+    """Per-video labels ``(N,)`` to per-frame labels ``(N * n_frames,)`` (time folded into the batch)."""
+    return None if labels is None else labels.repeat_interleave(n_frames)
+
+
 class Generator(nn.Module):
     """Multi-level TGANv2 generator.
 
     ``forward(z)`` trains sparsely: between levels it keeps every ``s_f``-th frame (random offset)
     and every ``s_b``-th sample, and returns one render per level, level ``l`` shaped
-    ``(N_l, C, T_l, H_l, W_l)``.  ``generate(z, n_frames, level)`` renders densely.
+    ``(N_l, C, T_l, H_l, W_l)``.  ``generate(z, n_frames, level)`` renders densely.  A conditional
+    generator (``cfg.n_classes > 0``) also takes ``labels`` ``(N,)``, which steer every BatchNorm.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        ch = cfg.clstm_ch
+        ch, k = cfg.clstm_ch, cfg.n_classes
         self.fc = nn.Linear(cfg.z_dim, ch * cfg.t_size * cfg.t_size)
         init_conv(self.fc, 1.0)
         self.clstm = ConvLSTM(ch, cfg.clstm_layers)
-        base = []
+        self.base = nn.ModuleList()
         for out_ch in cfg.base_channels:
-            base.append(UpBlock(ch, out_ch))
+            self.base.append(UpBlock(ch, out_ch, k))
             ch = out_ch
-        self.base = nn.Sequential(*base)
-        self.renders = nn.ModuleList([RenderHead(ch, cfg.out_channels)])
+        self.renders = nn.ModuleList([RenderHead(ch, cfg.out_channels, k)])
         self.level_blocks = nn.ModuleList()
         for out_ch in cfg.level_channels:
-            self.level_blocks.append(UpBlock(ch, out_ch))
-            self.renders.append(RenderHead(out_ch, cfg.out_channels))
+            self.level_blocks.append(UpBlock(ch, out_ch, k))
+            self.renders.append(RenderHead(out_ch, cfg.out_channels, k))
             ch = out_ch
 
     @property
@@ -324,12 +370,30 @@ class Generator(nn.Module):
         device = device if device is not None else self.fc.weight.device
         return torch.rand(n, self.cfg.z_dim, device=device, generator=generator) * 2 - 1
 
-    def frames(self, z: torch.Tensor, n_frames: int) -> torch.Tensor:
+    def sample_labels(self, n: int, device=None, generator: Optional[torch.Generator] = None):
+        """Uniformly drawn classes ``(n,)`` for a conditional generator, ``None`` otherwise."""
+        if not self.cfg.n_classes:
+            return None
+        device = device if device is not None else self.fc.weight.device
+        return torch.randint(self.cfg.n_classes, (n,), device=device, generator=generator)
+
+    def _check_labels(self, z: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
+        if bool(self.cfg.n_classes) != (labels is not None):
+            kind = f"conditional ({self.cfg.n_classes} classes)" if self.cfg.n_classes else "unconditional"
+            raise ValueError(f"this generator is {kind}: labels must {'' if self.cfg.n_classes else 'not '}be given")
+        if labels is not None and labels.shape != (z.shape[0],):
+            raise ValueError(f"labels must have shape ({z.shape[0]},), got {tuple(labels.shape)}")
+
+    def frames(self, z: torch.Tensor, n_frames: int, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Level-1 features of every frame: ``(N * n_frames, C_base, r1, r1)``."""
         n = z.shape[0]
         h = self.fc(z).view(n, self.cfg.clstm_ch, self.cfg.t_size, self.cfg.t_size)
         h = self.clstm(h, n_frames)
-        return self.base(h.reshape(n * n_frames, *h.shape[2:]))
+        h = h.reshape(n * n_frames, *h.shape[2:])
+        per_frame = frame_labels(labels, n_frames)
+        for block in self.base:
+            h = block(h, per_frame)
+        return h
 
     def forward(
         self,
@@ -337,44 +401,54 @@ class Generator(nn.Module):
         n_frames: Optional[int] = None,
         frame_strides: Optional[Sequence[int]] = None,
         batch_strides: Optional[Sequence[int]] = None,
+        labels: Optional[torch.Tensor] = None,
     ) -> List[torch.Tensor]:
         """Render all levels, subsampling between them (sparse training).
 
-        Pass strides of 1 (see :meth:`naive`) to render every level densely.
-        Returns ``[x1, ..., xL]`` with ``x_l`` of shape ``(N_l, C, T_l, H_l, W_l)``.
+        Pass strides of 1 (see :meth:`naive`) to render every level densely.  Returns
+        ``[x1, ..., xL]`` with ``x_l`` of shape ``(N_l, C, T_l, H_l, W_l)``; the labels of level
+        ``l`` are ``level_labels(labels, batch_strides)[l - 1]``.
         """
+        self._check_labels(z, labels)
         n_frames = n_frames or self.cfg.n_frames
         frame_strides = self.cfg.subsample_frames if frame_strides is None else frame_strides
         batch_strides = self.cfg.subsample_batch if batch_strides is None else batch_strides
         n, t = z.shape[0], n_frames
-        h = self.frames(z, n_frames)
-        renders = [unfold_time(self.renders[0](h), n)]
-        for block, head, s_f, s_b in zip(self.level_blocks, self.renders[1:], frame_strides, batch_strides):
+        h = self.frames(z, n_frames, labels)
+        renders = [unfold_time(self.renders[0](h, frame_labels(labels, t)), n)]
+        per_level = level_labels(labels, batch_strides)
+        for level, (block, head, s_f, s_b) in enumerate(
+                zip(self.level_blocks, self.renders[1:], frame_strides, batch_strides), start=1):
             h = subsample(h.view(n, t, *h.shape[1:]), s_f, s_b, time_dim=1)
             n, t = h.shape[0], h.shape[1]
-            h = block(h.reshape(n * t, *h.shape[2:]))
-            renders.append(unfold_time(head(h), n))
+            per_frame = frame_labels(per_level[level], t)
+            h = block(h.reshape(n * t, *h.shape[2:]), per_frame)
+            renders.append(unfold_time(head(h, per_frame), n))
         return renders
 
-    def naive(self, z: torch.Tensor, n_frames: Optional[int] = None) -> List[torch.Tensor]:
+    def naive(self, z: torch.Tensor, n_frames: Optional[int] = None,
+              labels: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         """All levels rendered at every frame and sample (the dense-training baseline)."""
         ones = [1] * (self.n_levels - 1)
-        return self.forward(z, n_frames, ones, ones)
+        return self.forward(z, n_frames, ones, ones, labels=labels)
 
-    def generate(self, z: torch.Tensor, n_frames: Optional[int] = None, level: Optional[int] = None) -> torch.Tensor:
+    def generate(self, z: torch.Tensor, n_frames: Optional[int] = None, level: Optional[int] = None,
+                 labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Dense generation: every frame of every sample rendered at ``level`` (1-based, default last).
 
         Any ``n_frames`` works (the ConvLSTM unrolls as long as asked).  Call in eval mode to use the
         BatchNorm running statistics, as the authors do.  Returns ``(N, C, n_frames, H, W)``.
         """
+        self._check_labels(z, labels)
         n_frames = n_frames or self.cfg.n_frames
         level = self.n_levels if level is None else level
         if not 1 <= level <= self.n_levels:
             raise ValueError(f"level must be in 1..{self.n_levels}, got {level}")
-        h = self.frames(z, n_frames)
+        per_frame = frame_labels(labels, n_frames)
+        h = self.frames(z, n_frames, labels)
         for block in self.level_blocks[: level - 1]:
-            h = block(h)
-        return unfold_time(self.renders[level - 1](h), z.shape[0])
+            h = block(h, per_frame)
+        return unfold_time(self.renders[level - 1](h, per_frame), z.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,9 +531,13 @@ class DisBlock(nn.Module):
 
 
 class VideoDiscriminator(nn.Module):
-    """3-D ResNet discriminator of one level: ``(N, C, T, H, W) -> (N,)`` logits."""
+    """3-D ResNet discriminator of one level: ``(N, C, T, H, W) -> (N,)`` logits.
 
-    def __init__(self, in_ch: int, channels: Sequence[int]):
+    With ``n_classes > 0`` it is a projection discriminator: ``<embed(y), features(x)>`` is added
+    to the linear output, so the label changes the logit only through that term.
+    """
+
+    def __init__(self, in_ch: int, channels: Sequence[int], n_classes: int = 0):
         super().__init__()
         blocks = [OptimizedDisBlock(in_ch, channels[0])]
         for c_in, c_out in zip(channels[:-1], channels[1:]):
@@ -467,32 +545,65 @@ class VideoDiscriminator(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.linear = nn.Linear(channels[-1], 1)
         init_conv(self.linear, 1.0)
+        self.embed = nn.Embedding(n_classes, channels[-1]) if n_classes else None
+        if self.embed is not None:
+            nn.init.xavier_uniform_(self.embed.weight)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features ``(N, channels[-1])``: ReLU then a sum over (T, H, W)."""
         return F.relu(self.blocks(x)).sum(dim=(2, 3, 4))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.features(x)).squeeze(1)
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        features = self.features(x)
+        logits = self.linear(features).squeeze(1)
+        if self.embed is not None:
+            if labels is None:
+                raise ValueError("this discriminator is conditional: labels must be given")
+            logits = logits + (self.embed(labels) * features).sum(1)
+        return logits
 
 
 class MultiLevelDiscriminator(nn.Module):
     """One :class:`VideoDiscriminator` per level; logits of all levels concatenated.
 
-    ``forward([x1, ..., xL])`` returns ``(N_1 + ... + N_L,)``.
+    ``forward([x1, ..., xL], [y1, ..., yL])`` returns ``(N_1 + ... + N_L,)``; the labels (one
+    ``(N_l,)`` tensor per level, see :func:`level_labels`) are needed only when conditional.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.levels = nn.ModuleList(
-            VideoDiscriminator(cfg.out_channels, cfg.dis_channels) for _ in range(cfg.n_levels)
+            VideoDiscriminator(cfg.out_channels, cfg.dis_channels, cfg.n_classes) for _ in range(cfg.n_levels)
         )
 
-    def forward(self, videos: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, videos: Sequence[torch.Tensor], labels: Optional[Sequence] = None) -> torch.Tensor:
         if len(videos) != len(self.levels):
             raise ValueError(f"expected {len(self.levels)} levels, got {len(videos)}")
-        return torch.cat([dis(x) for dis, x in zip(self.levels, videos)])
+        labels = [None] * len(videos) if labels is None else labels
+        return torch.cat([dis(x, y) for dis, x, y in zip(self.levels, videos, labels)])
+
+
+def load_weights(module: nn.Module, state: dict, what: str = "model") -> None:
+    """``module.load_state_dict(state)`` with a one-line error naming the first mismatch.
+
+    A conditional checkpoint loaded into an unconditional model (or the reverse) is named as such.
+    """
+    ours, theirs = module.state_dict(), state
+    conditional = [any(k.endswith(".scale.weight") or k.endswith(".embed.weight") for k in d) for d in (ours, theirs)]
+    if conditional[0] != conditional[1]:
+        kinds = ["a conditional" if c else "an unconditional" for c in conditional]
+        raise ValueError(f"cannot load {kinds[1]} {what} checkpoint into {kinds[0]} model")
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    if missing or unexpected:
+        raise ValueError(f"{what} checkpoint does not match the model: "
+                         + (f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"))
+    for key, value in ours.items():
+        if value.shape != theirs[key].shape:
+            raise ValueError(f"{what} checkpoint does not match the model: {key!r} has shape "
+                             f"{tuple(theirs[key].shape)}, expected {tuple(value.shape)}")
+    module.load_state_dict(state)
 
 
 def build_models(cfg: ModelConfig):

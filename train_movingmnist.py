@@ -33,6 +33,7 @@ DEFAULTS = dict(
     seed=0,
     device="auto",
     amp="none",
+    conditional=False,
     compile=False,
     channels_last=False,
     workers=2,
@@ -46,13 +47,14 @@ mnist_test_seq.npy (uint8, (frames, videos, 64, 64)) or the run stops with an er
 """
 
 
-def genSamples(gen, z, iteration, out_dir, n_frames=16):
+def genSamples(gen, z, iteration, out_dir, labels=None, n_frames=16):
     """Write ``OUT/samples/iter_XXXXXX.gif``: a grid of dense samples of the last level.
 
     ``gen`` is in eval mode (BatchNorm running statistics); ``z`` is the fixed ``(n*n, z_dim)``
     latent batch (``--sample-grid n``), so grids of different iterations show the same videos evolving.
+    ``labels`` is always ``None`` here: Moving MNIST clips have no class.
     """
-    videos = torch.cat([gen.generate(chunk, n_frames) for chunk in z.split(16)])
+    videos = torch.cat([gen.generate(chunk, n_frames) for chunk in z.split(16)])  # (n*n, 1, T, 64, 64)
     nrow = round(len(z) ** 0.5)
     return save_video_grid(videos, Path(out_dir) / "samples" / f"iter_{iteration:06d}.gif", nrow=nrow)
 

@@ -42,6 +42,7 @@ DEFAULTS = dict(
     seed=0,
     device="auto",
     amp="none",
+    conditional=False,
     compile=False,
     channels_last=False,
     workers=min(8, os.cpu_count() or 1),
@@ -65,13 +66,15 @@ every video once into --cache DIR; training with --cache reads those frames, bit
 """
 
 
-def genSamples(gen, z, iteration, out_dir, n_frames=16):
+def genSamples(gen, z, iteration, out_dir, labels=None, n_frames=16):
     """Write ``OUT/samples/iter_XXXXXX.gif``: a grid of dense 192x192 (``--resolution``) samples.
 
     ``gen`` is in eval mode (BatchNorm running statistics); ``z`` is the fixed ``(n*n, z_dim)``
     latent batch (``--sample-grid n``), so grids of different iterations show the same videos evolving.
+    ``labels`` (conditional runs) give one class per row.
     """
-    videos = torch.cat([gen.generate(chunk, n_frames) for chunk in z.split(8)])  # (n*n, 3, T, R, R)
+    label_chunks = labels.split(8) if labels is not None else [None] * len(z.split(8))
+    videos = torch.cat([gen.generate(chunk, n_frames, labels=y) for chunk, y in zip(z.split(8), label_chunks)])
     nrow = round(len(z) ** 0.5)
     return save_video_grid(videos, Path(out_dir) / "samples" / f"iter_{iteration:06d}.gif", nrow=nrow)
 
@@ -98,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_dataset(args):
     dataset = open_video_dataset(args.data, args.dataset, args.fold, args.split, args.splits, args.n_frames,
-                                 args.resolution, args.cache)
+                                 args.resolution, args.cache, return_label=args.conditional)
     return dataset, dataset.describe()
 
 

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets import ResumableBatchSampler, real_pyramid
-from models import PRESETS, ModelConfig, build_models, convert_sync_batchnorm, count_parameters, model_config
+from models import (PRESETS, ModelConfig, build_models, convert_sync_batchnorm, count_parameters, level_labels,
+                    load_weights, model_config)
 from utils import (all_reduce_mean_, append_jsonl, average_gradients, broadcast_module, discriminator_loss,
                    generator_loss, get_rng_state, init_distributed, load_checkpoint, previous_checkpoint_path,
                    r1_penalty, save_checkpoint, seed_everything, set_rng_state, write_json)
@@ -83,6 +84,9 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
                    help="torch.compile G and the fake-data pass of D (R1's double backward stays eager)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="channels-last memory layout for the 2-D generator and the 3-D discriminators")
+    p.add_argument("--conditional", action="store_true",
+                   help="class-conditional TGANv2: categorical BatchNorm in G, a projection term in every D "
+                        "(needs a labelled dataset)")
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun, compute the generator's BatchNorm statistics over all processes")
     p.add_argument("--sample-grid", type=positive_int,
@@ -134,20 +138,28 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = linear_decay(base, iteration, a.lr_decay_start, a.iterations)
 
-    def step(self, x_real: torch.Tensor, z: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """One G update and one D update; ``z`` defaults to fresh ``U(-1, 1)`` latents."""
+    def step(self, x_real: torch.Tensor, labels: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+             fake_labels: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """One G update and one D update.
+
+        ``labels`` ``(N,)`` are the real clips' classes (conditional models only); ``z`` and
+        ``fake_labels`` default to fresh ``U(-1, 1)`` latents and uniformly drawn classes.
+        """
         cfg = self.cfg
         if self.channels_last:
             x_real = x_real.contiguous(memory_format=torch.channels_last_3d)
-        real = [x.detach().requires_grad_(True)
-                for x in real_pyramid(x_real, cfg.subsample_frames, cfg.subsample_batch)]
+        real = real_pyramid(x_real, cfg.subsample_frames, cfg.subsample_batch)
+        real = [x.detach().requires_grad_(True) for x in real]
+        real_labels = level_labels(labels, cfg.subsample_batch)
         z = self.gen.sample_z(x_real.shape[0]) if z is None else z
+        if fake_labels is None:
+            fake_labels = self.gen.sample_labels(x_real.shape[0])
         with self.autocast():
-            y_real = self.dis(real)
-            fake = self.gen_forward(z)
+            y_real = self.dis(real, real_labels)
+            fake = self.gen_forward(z, labels=fake_labels)
             # D sees a detached copy so the generator graph can be freed right after its backward.
             fake_in = [x.detach().requires_grad_(True) for x in fake]
-            y_fake = self.dis_fake(fake_in)
+            y_fake = self.dis_fake(fake_in, level_labels(fake_labels, cfg.subsample_batch))
 
         # 1. generator: gradient of L_G w.r.t. the renders, then through G only (D's grads discarded).
         loss_g = generator_loss(y_fake)
@@ -172,8 +184,8 @@ class Trainer:
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.gen.load_state_dict(state["generator"])
-        self.dis.load_state_dict(state["discriminator"])
+        load_weights(self.gen, state["generator"], "generator")
+        load_weights(self.dis, state["discriminator"], "discriminator")
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
 
@@ -215,6 +227,11 @@ def resolve_resume(args) -> Optional[dict]:
         raise FileNotFoundError(f"--resume: checkpoint {path} not found")
     ckpt = load_checkpoint(path)
     saved = ckpt["config"]
+    if bool(saved.get("conditional")) != bool(getattr(args, "conditional", False)):
+        held = (f"a conditional model ({saved['model']['n_classes']} classes)" if saved.get("conditional")
+                else "an unconditional model")
+        raise ValueError(f"--resume: {path} holds {held}; "
+                         f"{'pass' if saved.get('conditional') else 'drop'} --conditional to continue it")
     for key in EXPERIMENT_KEYS:
         if key in saved and getattr(args, key, None) != saved[key]:
             print(f"--resume: using {key}={saved[key]!r} from the checkpoint", file=sys.stderr)
@@ -245,8 +262,13 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: O
     rank, world_size, device = init_distributed(args.device)
     is_main = rank == 0
     seed_everything(args.seed)  # identical initial weights on every rank
+    conditional = getattr(args, "conditional", False)
+    classes = list(getattr(dataset, "classes", None) or [])
+    if conditional and not classes:
+        raise ValueError(f"--conditional needs a labelled dataset; {describe_data or type(dataset).__name__} has no classes")
     cfg = model_config(args.preset, resolution=getattr(args, "resolution", None), n_frames=args.n_frames,
-                       subsample_frames=args.subsample_frames, subsample_batch=args.subsample_batch)
+                       subsample_frames=args.subsample_frames, subsample_batch=args.subsample_batch,
+                       n_classes=len(classes) if conditional else 0)
     trainer = Trainer(cfg, args, device)
     broadcast_module(trainer.gen)
     broadcast_module(trainer.dis)
@@ -264,7 +286,8 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: O
             seed_everything(args.seed + 1_000_003 * rank + start)
         del ckpt
     config = {k: v for k, v in vars(args).items()}
-    config.update(model=cfg.to_dict(), device=str(device), world_size=world_size, data_description=describe_data,
+    config.update(model=cfg.to_dict(), classes=classes if conditional else None, device=str(device),
+                  world_size=world_size, data_description=describe_data,
                   params={"generator": count_parameters(trainer.gen), "discriminator": count_parameters(trainer.dis)},
                   torch_version=str(torch.__version__))
     config = json.loads(json.dumps(config))  # plain values only: checkpoints load with weights_only=True
@@ -279,6 +302,11 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: O
                         generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG untouched
     fixed_z = trainer.gen.sample_z(args.sample_grid**2, device="cpu",
                                    generator=torch.Generator().manual_seed(args.seed)).to(device)
+    # Conditional samples: one row per class, rows spread evenly over the class list.
+    fixed_labels = None
+    if conditional:
+        row_classes = torch.linspace(0, len(classes) - 1, args.sample_grid).round().long()
+        fixed_labels = row_classes.repeat_interleave(args.sample_grid).to(device)
 
     def save(iteration: int) -> None:
         rng = gather_rng_states(world_size)  # collective: every rank takes part
@@ -292,7 +320,7 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: O
             return
         trainer.gen.eval()
         with torch.no_grad(), trainer.autocast():
-            gen_samples(trainer.gen, fixed_z, iteration, out)
+            gen_samples(trainer.gen, fixed_z, iteration, out, fixed_labels)
         trainer.gen.train()
 
     sums = torch.zeros(3, device=device)  # running L_G, L_D, R1 since the last log
@@ -322,9 +350,11 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: O
     iteration = start
     with StopRequest() as stop:
         while iteration < args.iterations:
-            x_real = next(data_iter).to(device, non_blocking=True)
+            batch = next(data_iter)
+            x_real, labels = (batch[0], batch[1].to(device, non_blocking=True)) if conditional else (batch, None)
+            x_real = x_real.to(device, non_blocking=True)
             trainer.set_lr(iteration)
-            losses = trainer.step(x_real)
+            losses = trainer.step(x_real, labels)
             iteration += 1
             sums += torch.stack([losses["loss_g"], losses["loss_d"], losses["r1"]])
             count += 1

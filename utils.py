@@ -171,13 +171,13 @@ def generator_from_checkpoint(path, device="cpu"):
 
     Returns ``(generator, checkpoint_dict)``.
     """
-    from models import Generator, ModelConfig
+    from models import Generator, ModelConfig, load_weights
 
     ckpt = load_checkpoint(path, map_location=device)
     if "generator" not in ckpt or "config" not in ckpt:
         raise KeyError(f"{path}: not a TGANv2 training checkpoint (no 'generator'/'config' entry)")
     gen = Generator(ModelConfig(**ckpt["config"]["model"])).to(device)
-    gen.load_state_dict(ckpt["generator"])
+    load_weights(gen, ckpt["generator"], "generator")
     return gen.eval(), ckpt
 
 

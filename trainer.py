@@ -84,6 +84,15 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
                    help="torch.compile G and the fake-data pass of D (R1's double backward stays eager)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="channels-last memory layout for the 2-D generator and the 3-D discriminators")
+    p.add_argument("--eval-every", type=int,
+                   help="every N iterations add IS (with --c3d-weights/--c3d-mean) and FVD (with --i3d/--i3d-stats) "
+                        "to metrics.jsonl; 0 = never")
+    p.add_argument("--eval-samples", type=positive_int, help="generated videos per evaluation (the protocol: 2048)")
+    p.add_argument("--c3d-weights", metavar="NPZ", help="the authors' conv3d_deepnetA_ucf.npz (for IS)")
+    p.add_argument("--c3d-mean", metavar="NPZ", help="the authors' mean2.npz (for IS)")
+    p.add_argument("--i3d", metavar="PT", help="TorchScript I3D (for FVD)")
+    p.add_argument("--i3d-stats", metavar="NPZ",
+                   help="real-data I3D statistics for FVD, as cached by `evaluate.py fvd --real-videos DIR`")
     p.add_argument("--conditional", action="store_true",
                    help="class-conditional TGANv2: categorical BatchNorm in G, a projection term in every D "
                         "(needs a labelled dataset)")
@@ -239,6 +248,21 @@ def resolve_resume(args) -> Optional[dict]:
     return ckpt
 
 
+def load_eval_models(args, device):
+    """The evaluation networks ``--eval-every`` needs, or ``None`` when evaluation is off."""
+    if not getattr(args, "eval_every", 0):
+        return None
+    from evaluate import EvalModels, load_c3d, load_i3d, load_statistics
+
+    if bool(args.c3d_weights) != bool(args.c3d_mean) or bool(args.i3d) != bool(args.i3d_stats):
+        raise ValueError("--eval-every: give --c3d-weights with --c3d-mean, and --i3d with --i3d-stats")
+    if not (args.c3d_weights or args.i3d):
+        raise ValueError("--eval-every needs --c3d-weights/--c3d-mean (IS) or --i3d/--i3d-stats (FVD)")
+    return EvalModels(c3d=load_c3d(args.c3d_weights, args.c3d_mean, device) if args.c3d_weights else None,
+                      i3d=load_i3d(args.i3d, device) if args.i3d else None,
+                      i3d_stats=load_statistics(args.i3d_stats, "i3d") if args.i3d_stats else None)
+
+
 def gather_rng_states(world_size: int) -> list:
     """Every process's RNG state, in rank order (collective when ``world_size > 1``)."""
     state = get_rng_state()
@@ -315,6 +339,18 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: O
             state.update(iteration=iteration, config=config, rng=rng)
             save_checkpoint(state, out / "checkpoint.pt")
 
+    eval_models = load_eval_models(args, device) if is_main else None
+
+    def evaluate(iteration: int) -> None:
+        from evaluate import evaluate_generator
+
+        scores = evaluate_generator(trainer.gen, eval_models, n_samples=args.eval_samples, n_frames=cfg.n_frames,
+                                    seed=args.seed)
+        record = {"iteration": iteration, **{k: v for k, v in scores.items() if not k.endswith("_runs")}}
+        append_jsonl(out / "metrics.jsonl", record)
+        tqdm.write(f"iteration {iteration}: " + ", ".join(f"{k} {record[k]:.3f}" for k in ("IS", "FVD", "accuracy")
+                                                          if k in record))
+
     def sample(iteration: int) -> None:
         if not is_main:
             return
@@ -368,6 +404,8 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: O
             t_io = time.perf_counter()
             if iteration % args.sample_every == 0 or iteration == args.iterations:
                 sample(iteration)
+            if eval_models is not None and (iteration % args.eval_every == 0 or iteration == args.iterations):
+                evaluate(iteration)
             if iteration % args.checkpoint_every == 0 or iteration == args.iterations or stopping:
                 save(iteration)
             t_log += time.perf_counter() - t_io  # it/s measures training, not sample/checkpoint writing

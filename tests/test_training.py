@@ -107,3 +107,32 @@ def test_main_command_help_and_cli(tmp_path):
                  "--subsample-frames", "--subsample-batch", "--sample-every", "--checkpoint-every", "--resume",
                  "--seed", "--device", "--amp", "--workers"):
         assert flag in out.stdout
+
+
+class TinyI3D(torch.nn.Module):
+    """A TorchScript-able stand-in for I3D: (N, 3, T, H, W) -> (N, 6) features."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x.mean(dim=(2, 3, 4)))
+
+
+def test_eval_every_adds_fvd_to_the_metrics(tmp_path):
+    import warnings
+
+    from evaluate import save_statistics
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in torch 2.14
+        torch.jit.script(TinyI3D()).save(str(tmp_path / "i3d.pt"))
+    save_statistics(tmp_path / "real.npz", np.zeros(6), np.eye(6), feature="i3d")
+    run(tmp_path / "run", "--iterations", "2", "--eval-every", "1", "--eval-samples", "3", "--i3d",
+        str(tmp_path / "i3d.pt"), "--i3d-stats", str(tmp_path / "real.npz"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    fvd = [r for r in records if "FVD" in r]
+    assert [r["iteration"] for r in fvd] == [1, 2] and all(np.isfinite(r["FVD"]) and r["FVD"] > 0 for r in fvd)
+    with pytest.raises(SystemExit):
+        run(tmp_path / "bad", "--iterations", "1", "--eval-every", "1")  # nothing to evaluate with

@@ -103,8 +103,17 @@ def model_config(preset: str, resolution: Optional[int] = None, **overrides) -> 
 
 
 def init_conv(module: nn.Module, gain: float) -> None:
-    """Glorot-uniform weights with ``gain`` and zero bias (the authors' initialisation)."""
+    """Glorot-uniform weights with ``gain`` and zero bias (the authors' ResNet blocks and D's linear)."""
     nn.init.xavier_uniform_(module.weight, gain=gain)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def init_lecun(module: nn.Module) -> None:
+    """LeCun-normal weights (std ``1/sqrt(fan_in)``) and zero bias: Chainer's default, which the
+    authors' fc, ConvLSTM and render convolutions use (4x the Glorot scale for the fc layer)."""
+    fan_in = module.weight[0].numel()
+    nn.init.normal_(module.weight, std=fan_in**-0.5)
     if module.bias is not None:
         nn.init.zeros_(module.bias)
 
@@ -195,7 +204,7 @@ class ConvLSTM(nn.Module):
             nn.Conv2d(channels, 4 * channels, 3, padding=1, bias=False) for _ in range(n_layers)
         )
         for conv in list(self.input_convs) + list(self.state_convs):
-            init_conv(conv, 1.0)
+            init_lecun(conv)
 
     @staticmethod
     def _cell(gates: torch.Tensor, c: Optional[torch.Tensor]):
@@ -284,7 +293,7 @@ class RenderHead(nn.Module):
         super().__init__()
         self.bn = make_norm(in_ch, n_classes)
         self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        init_conv(self.conv, 1.0)
+        init_lecun(self.conv)
 
     def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         return torch.tanh(self.conv(F.relu(normalize(self.bn, x, labels))))
@@ -348,7 +357,7 @@ class Generator(nn.Module):
         self.cfg = cfg
         ch, k = cfg.clstm_ch, cfg.n_classes
         self.fc = nn.Linear(cfg.z_dim, ch * cfg.t_size * cfg.t_size)
-        init_conv(self.fc, 1.0)
+        init_lecun(self.fc)
         self.clstm = ConvLSTM(ch, cfg.clstm_layers)
         self.base = nn.ModuleList()
         for out_ch in cfg.base_channels:

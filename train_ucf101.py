@@ -19,34 +19,19 @@ from datasets import (VIDEO_EXTENSIONS, list_ucf101, list_video_folder, open_vid
                       video_dataset_kind)
 from utils import save_video_grid
 
-# The paper's run (SPEC §2, §5): 192 px, batch 32 per GPU, 100k iterations, lambda 0.5, Adam 1e-4
-# (0.0, 0.9), learning rates decaying linearly to 0 from iteration 0, frame strides 2,2,2.
+# The paper's run (SPEC §2, §5): 192 px, batch 32 per GPU, 100k iterations (lambda 0.5 and Adam 1e-4
+# (0.0, 0.9) come from trainer.SHARED_DEFAULTS), learning rates decaying linearly to 0 from iteration 0, frame strides 2,2,2.
 DEFAULTS = dict(
     preset="paper",
     data="UCF-101",
     out="runs/ucf101",
     iterations=100000,
     batch_size=32,
-    n_frames=16,
-    lr_g=1e-4,
-    lr_d=1e-4,
-    beta1=0.0,
-    beta2=0.9,
-    gp_weight=0.5,
     lr_decay_start=0,
     subsample_frames=[2, 2, 2],
     subsample_batch=[1, 1, 1],
     sample_every=1000,
     checkpoint_every=1000,
-    log_every=10,
-    seed=0,
-    device="auto",
-    amp="none",
-    conditional=False,
-    eval_every=0,
-    eval_samples=2048,
-    compile=False,
-    channels_last=False,
     workers=min(8, os.cpu_count() or 1),
     sample_grid=6,
     resolution=192,

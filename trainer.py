@@ -50,9 +50,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+# Defaults every script shares: the paper's optimisation (SPEC §5) and run-time settings.
+# The scripts set the rest (preset, data, iterations, batch, strides, schedule, intervals).
+SHARED_DEFAULTS = dict(n_frames=16, lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, gp_weight=0.5,
+                       log_every=10, seed=0, device="auto", amp="none", compile=False, channels_last=False,
+                       conditional=False, sync_bn=False, eval_every=0, eval_samples=2048)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the scripts' example lines as written and shows every flag's default."""
+
+
 def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     """The flags both train scripts share, with the script's ``defaults`` applied."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="network sizes (SPEC §2 table)")
     p.add_argument("--data", help="where the training videos come from (see the script's description)")
     p.add_argument("--out", help="run folder: config.json, metrics.jsonl, samples/, checkpoint.pt")
@@ -100,6 +111,7 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
                    help="under torchrun, compute the generator's BatchNorm statistics over all processes")
     p.add_argument("--sample-grid", type=positive_int,
                    help="samples are an N x N grid of videos from a fixed latent batch")
+    p.set_defaults(**SHARED_DEFAULTS)
     p.set_defaults(**defaults)
     return p
 

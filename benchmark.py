@@ -401,6 +401,7 @@ def measure_speed(preset: str = "movingmnist", batch_size: int = 8, device: str 
         losses = trainer.step(x)
     synchronize(device)
     seconds = (time.perf_counter() - start) / steps
+    amp = trainer.amp
     peak = matmul_peak_tflops(device, torch.bfloat16 if amp == "bf16" else torch.float32)
     achieved = flops / seconds / 1e12
     return {"preset": preset, "batch_size": batch_size, "device": str(device),
@@ -477,7 +478,7 @@ def add_speed_parser(subparsers) -> None:
     p.add_argument("--preset", default="movingmnist", choices=["paper", "movingmnist"], help="network sizes")
     p.add_argument("--batch-size", type=int, default=8, help="clips per iteration")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast")
+    p.add_argument("--amp", default="none", choices=["auto", "none", "bf16"], help="bf16 autocast (auto: where fast)")
     p.add_argument("--compile", action="store_true", help="torch.compile G and D's fake pass")
     p.add_argument("--channels-last", action="store_true", help="channels-last layouts")
     p.add_argument("--subsample-frames", type=int_list, help="frame strides (1,1,1 = naive); default: the preset's")

@@ -1,4 +1,5 @@
-"""Training data: Moving MNIST, procedural moving digits, the resumable sampler and the real pyramid.
+"""Training data: Moving MNIST, procedural moving digits, UCF-101 and folders of videos, the resumable
+sampler and the real pyramid.
 
 Every dataset here returns clips ``(C, T, H, W)`` as float32 in ``[-1, 1]`` and is indexed by
 ``(index, sample_seed)`` pairs from :class:`ResumableBatchSampler`: all of a sample's randomness
@@ -6,19 +7,27 @@ Every dataset here returns clips ``(C, T, H, W)`` as float32 in ``[-1, 1]`` and 
 iteration ``i`` sees exactly the batches an uninterrupted run would, whatever the worker count.
 """
 
+import json
+import multiprocessing
 import os
+import re
+import shutil
 import sys
+import time
 import urllib.request
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
+import av
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from models import level_labels, subsample
+from utils import write_json
 
 MOVING_MNIST_URL = "http://www.cs.toronto.edu/~nitish/unsupervised_video/mnist_test_seq.npy"
 
@@ -294,17 +303,6 @@ def real_pyramid(x: torch.Tensor, frame_strides: Sequence[int], batch_strides: S
 # another aspect ratio are stretched to 4:3 like UCF-101's 320x240.  The resized frames are all that
 # differs between decoding and the frame cache, so both produce the same bits for the same key.
 
-import json  # noqa: E402 - this section's imports stay with it
-import multiprocessing  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Optional  # noqa: E402
-
-import av  # noqa: E402
-
-from utils import write_json  # noqa: E402
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm")
 # The one resize used by decoding and by the cache (area averaging: UCF-101 is only ever shrunk).

@@ -299,30 +299,25 @@ class RenderHead(nn.Module):
         return torch.tanh(self.conv(F.relu(normalize(self.bn, x, labels))))
 
 
-def subsample(
-    x: torch.Tensor,
-    frame_stride: int,
-    batch_stride: int,
-    time_dim: int,
-    n_frames: Optional[int] = None,
-    offset: Optional[int] = None,
-) -> torch.Tensor:
+def subsample(x: torch.Tensor, frame_stride: int, batch_stride: int, time_dim: int,
+              offset: Optional[int] = None) -> torch.Tensor:
     """Keep every ``frame_stride``-th frame from a random offset and every ``batch_stride``-th sample.
 
     ``x`` has the batch on dim 0 and time on ``time_dim``.  Exactly ``T // frame_stride`` frames
     are kept whatever the offset, so shapes never depend on the random draw.  The offset is drawn
-    from ``[0, frame_stride)`` with torch's global CPU generator unless given.
+    from ``[0, frame_stride)`` with the global generator of ``x``'s device unless given.
     """
-    n_time = x.shape[time_dim] if n_frames is None else n_frames
-    kept = n_time // frame_stride
+    kept = x.shape[time_dim] // frame_stride
     if kept < 1:
-        raise ValueError(f"cannot subsample {n_time} frames with stride {frame_stride}")
+        raise ValueError(f"cannot subsample {x.shape[time_dim]} frames with stride {frame_stride}")
+    x = x[::batch_stride]
+    if frame_stride == 1:
+        return x
     if offset is None:
-        offset = int(torch.randint(frame_stride, (1,), device="cpu")) if frame_stride > 1 else 0
-    index = [slice(None)] * x.dim()
-    index[0] = slice(None, None, batch_stride)
-    index[time_dim] = slice(offset, offset + frame_stride * kept, frame_stride)
-    return x[tuple(index)]
+        # A device tensor through index_select: no host sync, and one compiled graph for every offset.
+        offset = torch.randint(frame_stride, (1,), device=x.device)
+    frames = offset + frame_stride * torch.arange(kept, device=x.device)
+    return x.index_select(time_dim, frames)
 
 
 def unfold_time(x: torch.Tensor, n: int) -> torch.Tensor:

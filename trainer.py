@@ -23,7 +23,7 @@ from models import (PRESETS, ModelConfig, build_models, convert_sync_batchnorm, 
                     load_weights, model_config)
 from utils import (all_reduce_mean_, append_jsonl, average_gradients, broadcast_module, discriminator_loss,
                    generator_loss, get_rng_state, init_distributed, load_checkpoint, previous_checkpoint_path,
-                   r1_penalty, save_checkpoint, seed_everything, set_rng_state, write_json)
+                   r1_penalty, resolve_amp, save_checkpoint, seed_everything, set_rng_state, write_json)
 
 # Flags that define the experiment: on --resume they come from the checkpoint, not the command line.
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
@@ -53,7 +53,7 @@ def positive_int(text: str) -> int:
 # Defaults every script shares: the paper's optimisation (SPEC §5) and run-time settings.
 # The scripts set the rest (preset, data, iterations, batch, strides, schedule, intervals).
 SHARED_DEFAULTS = dict(n_frames=16, lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, gp_weight=0.5,
-                       log_every=10, seed=0, device="auto", amp="none", compile=False, channels_last=False,
+                       log_every=10, seed=0, device="auto", amp="auto", compile=False, channels_last=True,
                        conditional=False, sync_bn=False, eval_every=0, eval_samples=2048)
 
 
@@ -89,7 +89,9 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
                    help="continue a run: from CKPT, or OUT/checkpoint.pt when given without a value")
     p.add_argument("--seed", type=int, help="seed of weights, latents, subsampling offsets and data order")
     p.add_argument("--device", help="auto (CUDA if present), cpu, cuda or cuda:N")
-    p.add_argument("--amp", choices=["none", "bf16"], help="bf16 autocast for the networks (losses and R1 stay fp32)")
+    p.add_argument("--amp", choices=["auto", "none", "bf16"],
+                   help="bf16 autocast for the networks (losses and R1 stay fp32); auto = bf16 on GPUs that support "
+                        "it and on CPUs with AVX512-BF16/AMX, else none")
     p.add_argument("--workers", type=int, help="DataLoader worker processes (0 = load in the main process)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile G and the fake-data pass of D (R1's double backward stays eager)")
@@ -146,12 +148,14 @@ class Trainer:
         self.dis_fake = torch.compile(self.dis) if compile_ else self.dis
         adam = dict(betas=(args.beta1, args.beta2), eps=1e-8)
         if device.type == "cuda":
-            adam["fused"] = True
+            adam["fused"] = True  # one kernel for all parameters
+            torch.backends.cudnn.benchmark = True  # fixed shapes: autotune every convolution once
         self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=args.lr_g, **adam)
         self.opt_d = torch.optim.Adam(self.dis.parameters(), lr=args.lr_d, **adam)
         self.dis_params = list(self.dis.parameters())
-        amp = args.amp == "bf16"
-        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
+        self.amp = resolve_amp(args.amp, device)
+        bf16 = self.amp == "bf16"
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
 
     def set_lr(self, iteration: int) -> None:
         a = self.args
@@ -323,7 +327,7 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: O
         del ckpt
     config = {k: v for k, v in vars(args).items()}
     config.update(model=cfg.to_dict(), classes=classes if conditional else None, device=str(device),
-                  world_size=world_size, data_description=describe_data,
+                  amp=trainer.amp, world_size=world_size, data_description=describe_data,
                   params={"generator": count_parameters(trainer.gen), "discriminator": count_parameters(trainer.dis)},
                   torch_version=str(torch.__version__))
     config = json.loads(json.dumps(config))  # plain values only: checkpoints load with weights_only=True

@@ -171,6 +171,8 @@ class Trainer:
         ``fake_labels`` default to fresh ``U(-1, 1)`` latents and uniformly drawn classes.
         """
         cfg = self.cfg
+        if (labels is not None) != bool(cfg.n_classes):
+            raise ValueError("labels are needed by a conditional model and only by one")
         if self.channels_last:
             x_real = x_real.contiguous(memory_format=torch.channels_last_3d)
         real = real_pyramid(x_real, cfg.subsample_frames, cfg.subsample_batch)

@@ -45,7 +45,7 @@ def test_subsampling_cuts_memory_like_the_paper(paper_costs):
     # every mode is cheaper than naive from level 2 on, and level 1 is never subsampled
     for net in ("G", "D"):
         for mode in ("frame", "batch", "proposed"):
-            assert act[net][mode][0] == act[net]["naive"][0]
+            assert act[net][mode][0] == pytest.approx(act[net]["naive"][0], rel=1e-6)  # but a frame index
             assert all(a < n for a, n in zip(act[net][mode][1:], act[net]["naive"][1:]))
 
 

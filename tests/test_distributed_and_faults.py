@@ -48,7 +48,7 @@ def _rank_worker(rank, init_file, out_dir, x, z):
     trainer = Trainer(tiny_config(), make_args(sync_bn=True), torch.device("cpu"))
     torch.manual_seed(1)  # the same subsampling offsets on every rank and in the reference
     local = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-    trainer.step(x[local], z[local])
+    trainer.step(x[local], z=z[local])
     torch.save(all_grads(trainer), Path(out_dir) / f"grads{rank}.pt")
     identical = []
     torch.manual_seed(100 + rank)  # from here on, the ranks draw different latents and offsets
@@ -72,7 +72,7 @@ def test_two_process_gradients_equal_one_process_on_the_global_batch(tmp_path):
     # Averaging per-rank gradients turns each rank's R1 sum into (global sum) / WORLD.
     reference = Trainer(tiny_config(), make_args(gp_weight=0.5 / WORLD), torch.device("cpu"))
     torch.manual_seed(1)
-    reference.step(x, z)
+    reference.step(x, z=z)
     expected = all_grads(reference)
     total = torch.cat([g.flatten() for g in expected.values()]).norm()
     for rank in range(WORLD):

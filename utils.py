@@ -5,7 +5,7 @@ import os
 import random
 import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

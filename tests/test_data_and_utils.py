@@ -1,7 +1,6 @@
 """Moving MNIST, procedural digits, the sampler, the real pyramid, losses, R1, grids, checkpoints."""
 
 import math
-import warnings
 
 import imageio.v3 as iio
 import numpy as np

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models import (ConvLSTM, Generator, MultiLevelDiscriminator, build_models, count_parameters,
                     downsample_video, model_config, subsample)

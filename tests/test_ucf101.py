@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 import datasets
 import models
 import train_ucf101
-from benchmark import synthetic_frames, write_synthetic_ucf101, write_video_file
+from benchmark import synthetic_frames, write_video_file
 from datasets import (UCF101, ResumableBatchSampler, VideoError, VideoFolder, crop_and_flip, decode_video,
                       find_ucf101_splits, open_video_dataset, paper_geometry, probe_video, read_clip, split_key)
 from utils import load_checkpoint

@@ -1,7 +1,9 @@
 """Training data: Moving MNIST, procedural moving digits, UCF-101 and folders of videos, the resumable
 sampler and the real pyramid.
 
-Every dataset here returns clips ``(C, T, H, W)`` as float32 in ``[-1, 1]`` and is indexed by
+Every dataset here returns clips ``(C, T, H, W)`` as uint8 (the trainer maps them to ``[-1, 1]``
+on the device with :func:`to_unit_range`, so workers, pinned memory and the host-to-device copy
+move a quarter of the bytes of float32) and is indexed by
 ``(index, sample_seed)`` pairs from :class:`ResumableBatchSampler`: all of a sample's randomness
 (window start, crop, flip, digit motion) comes from ``sample_seed``, so a run resumed at
 iteration ``i`` sees exactly the batches an uninterrupted run would, whatever the worker count.
@@ -81,9 +83,11 @@ class ResumableBatchSampler:
             iteration += 1
 
 
-def to_unit_range(frames_uint8: np.ndarray) -> torch.Tensor:
-    """uint8 array -> float32 tensor in ``[-1, 1]``."""
-    return torch.from_numpy(np.ascontiguousarray(frames_uint8)).float().div_(127.5).sub_(1.0)
+def to_unit_range(frames_uint8) -> torch.Tensor:
+    """uint8 frames (array or tensor, any shape) -> float32 in ``[-1, 1]`` (on the tensor's device)."""
+    if isinstance(frames_uint8, np.ndarray):
+        frames_uint8 = torch.from_numpy(np.ascontiguousarray(frames_uint8))
+    return frames_uint8.float().div_(127.5).sub_(1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +98,7 @@ def to_unit_range(frames_uint8: np.ndarray) -> torch.Tensor:
 class MovingMNIST(Dataset):
     """Clips of ``mnist_test_seq.npy``, uint8 ``(20, 10000, 64, 64)``: a random ``n_frames`` window.
 
-    Returns ``(1, n_frames, 64, 64)`` float32 in ``[-1, 1]``.
+    Returns uint8 ``(1, n_frames, 64, 64)``.
     """
 
     def __init__(self, path, n_frames: int = 16):
@@ -121,7 +125,7 @@ class MovingMNIST(Dataset):
         index, rng = split_key(key)
         start = int(rng.integers(0, self.data.shape[0] - self.n_frames + 1))
         clip = self.data[start : start + self.n_frames, index]
-        return to_unit_range(clip)[None]
+        return torch.from_numpy(np.ascontiguousarray(clip))[None]
 
 
 def download_moving_mnist(dest, url: str = MOVING_MNIST_URL, timeout: float = 10.0) -> Path:
@@ -219,7 +223,7 @@ class MovingDigits(Dataset):
     """Procedural Moving MNIST: two stroke-drawn digits bouncing in a 64x64 frame.
 
     Nothing is downloaded; sample ``(index, seed)`` is a pure function of ``seed``.
-    Returns ``(1, n_frames, size, size)`` float32 in ``[-1, 1]`` (black background, like MNIST).
+    Returns uint8 ``(1, n_frames, size, size)`` (black background, like MNIST).
     """
 
     def __init__(self, n_frames: int = 16, size: int = 64, n_digits: int = 2, length: int = 10000):
@@ -238,7 +242,7 @@ class MovingDigits(Dataset):
             for t, (x, y) in enumerate(path):
                 window = video[t, y : y + glyph_size, x : x + glyph_size]
                 np.maximum(window, glyph, out=window)  # overlapping digits: max, as the original
-        return torch.from_numpy(video * 2 - 1)[None]
+        return torch.from_numpy(np.round(video * 255).astype(np.uint8))[None]
 
 
 def open_moving_mnist(data: str, n_frames: int, default_path="data/mnist_test_seq.npy"):
@@ -449,11 +453,11 @@ def _read_clip_sequential(path, start, length, height, width) -> np.ndarray:
 
 
 def crop_and_flip(frames: np.ndarray, left: int, size: int, flip: bool) -> torch.Tensor:
-    """uint8 ``(T, H, W, 3)`` -> float32 ``(3, T, H, size)`` in ``[-1, 1]``: columns ``left .. left+size-1``, mirrored if ``flip``."""
+    """uint8 ``(T, H, W, 3)`` -> uint8 ``(3, T, H, size)``: columns ``left .. left+size-1``, mirrored if ``flip``."""
     window = frames[:, :, left : left + size]
     if flip:
         window = window[:, :, ::-1]
-    return to_unit_range(window.transpose(3, 0, 1, 2))
+    return torch.from_numpy(np.ascontiguousarray(window.transpose(3, 0, 1, 2)))
 
 
 def find_videos(root) -> List[str]:
@@ -570,7 +574,7 @@ class VideoClips(Dataset):
     Videos that cannot be read or have fewer than ``n_frames`` frames are dropped when the dataset
     opens, one warning line each and a count; ``skipped`` lists them as ``(path, reason)``.
 
-    ``__getitem__((index, seed))`` returns float32 ``(3, n_frames, R, R)`` in ``[-1, 1]``, or
+    ``__getitem__((index, seed))`` returns uint8 ``(3, n_frames, R, R)``, or
     ``(clip, label)`` with ``return_label``.  ``labels[i]`` / ``classes`` give the class of video ``i``.
     """
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets import ResumableBatchSampler, real_pyramid
+from datasets import ResumableBatchSampler, real_pyramid, to_unit_range
 from models import (PRESETS, ModelConfig, build_models, convert_sync_batchnorm, count_parameters, level_labels,
                     load_weights, model_config)
 from utils import (all_reduce_mean_, append_jsonl, average_gradients, broadcast_module, discriminator_loss,
@@ -294,7 +294,7 @@ def gather_rng_states(world_size: int) -> list:
 
 
 def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: Optional[dict] = None) -> dict:
-    """Run the SPEC §5 loop on ``dataset`` (clips ``(C, T, H, W)`` keyed by ``(index, seed)``).
+    """Run the SPEC §5 loop on ``dataset`` (uint8 clips ``(C, T, H, W)`` keyed by ``(index, seed)``).
 
     ``ckpt`` is the checkpoint to continue from (see :func:`resolve_resume`).  Writes
     ``OUT/config.json``, ``OUT/metrics.jsonl``, ``OUT/samples/`` (through ``gen_samples``) and
@@ -406,7 +406,7 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: O
         while iteration < args.iterations:
             batch = next(data_iter)
             x_real, labels = (batch[0], batch[1].to(device, non_blocking=True)) if conditional else (batch, None)
-            x_real = x_real.to(device, non_blocking=True)
+            x_real = to_unit_range(x_real.to(device, non_blocking=True))  # uint8 until here: 4x less traffic
             trainer.set_lr(iteration)
             losses = trainer.step(x_real, labels)
             iteration += 1

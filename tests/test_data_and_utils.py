@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datasets import MovingDigits, MovingMNIST, ResumableBatchSampler, open_moving_mnist, real_pyramid
+from datasets import (MovingDigits, MovingMNIST, ResumableBatchSampler, open_moving_mnist, real_pyramid,
+                      to_unit_range)
 from utils import (discriminator_loss, generator_loss, load_checkpoint, make_grid, previous_checkpoint_path,
                    r1_penalty, save_checkpoint, save_video_grid, write_video)
 
@@ -29,9 +30,8 @@ def test_moving_mnist_window_and_range(mnist_file):
     starts = set()
     for seed in range(30):
         clip = ds[(3, seed)]
-        assert clip.shape == (1, 16, 64, 64) and clip.dtype == torch.float32
-        assert clip.min() >= -1 and clip.max() <= 1
-        raw = np.round((clip[0].numpy() + 1) * 127.5).astype(np.uint8)
+        assert clip.shape == (1, 16, 64, 64) and clip.dtype == torch.uint8  # the trainer maps it to [-1, 1]
+        raw = clip[0].numpy()
         start = next(s for s in range(5) if np.array_equal(raw, data[s : s + 16, 3]))
         starts.add(start)
     assert starts == {0, 1, 2, 3, 4}  # every window start reachable, windows are consecutive frames
@@ -77,8 +77,8 @@ def test_procedural_digits_are_reproducible_and_move():
     assert a.shape == (1, 16, 64, 64)
     torch.testing.assert_close(a, b)  # a pure function of the sample seed
     assert not torch.equal(a, c)
-    assert a.min() == -1 and a.max() > 0.9  # black background, bright strokes
-    ink = (a[0] > 0).float()
+    assert a.dtype == torch.uint8 and a.min() == 0 and a.max() > 230  # black background, bright strokes
+    ink = (a[0] > 127).float()
     assert 0.02 < ink.mean() < 0.3  # two digits, Moving MNIST-like coverage
     ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
     centroid = [((ink[t] * xs).sum() / ink[t].sum(), (ink[t] * ys).sum() / ink[t].sum()) for t in (0, 15)]
@@ -98,6 +98,12 @@ def test_sampler_is_resumable_without_replacement_and_rank_disjoint():
     r1 = ResumableBatchSampler(10, 2, seed=3, rank=1, world_size=2).batch(0)
     assert not set(r0) & set(r1)
     assert r0 + r1 == ResumableBatchSampler(10, 4, seed=3).batch(0)
+
+
+def test_to_unit_range():
+    frames = torch.tensor([0, 255, 128], dtype=torch.uint8)
+    torch.testing.assert_close(to_unit_range(frames), torch.tensor([-1.0, 1.0, 128 / 127.5 - 1]))
+    assert to_unit_range(np.zeros((2, 3), np.uint8)).dtype == torch.float32
 
 
 def test_real_pyramid_levels():

@@ -83,7 +83,7 @@ class PoisonedDigits(MovingDigits):
     def __getitem__(self, key):
         self.reads += 1
         clip = super().__getitem__(key)
-        return clip if self.reads <= self.clean else clip * float("nan")
+        return clip if self.reads <= self.clean else clip * float("nan")  # float NaNs: the trainer passes them on
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):

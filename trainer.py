@@ -307,7 +307,8 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: O
     conditional = getattr(args, "conditional", False)
     classes = list(getattr(dataset, "classes", None) or [])
     if conditional and not classes:
-        raise ValueError(f"--conditional needs a labelled dataset; {describe_data or type(dataset).__name__} has no classes")
+        source = describe_data or type(dataset).__name__
+        raise ValueError(f"--conditional needs a labelled dataset; {source} has no classes")
     cfg = model_config(args.preset, resolution=getattr(args, "resolution", None), n_frames=args.n_frames,
                        subsample_frames=args.subsample_frames, subsample_batch=args.subsample_batch,
                        n_classes=len(classes) if conditional else 0)

@@ -245,6 +245,13 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group, but only the main process
+    should react (finish the step, checkpoint); workers exit on their own when it does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def resolve_resume(args) -> Optional[dict]:
     """Load the checkpoint named by ``--resume`` and put its experiment settings into ``args``."""
     if args.resume is None:
@@ -342,6 +349,7 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: O
                                     rank=rank, world_size=world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+                        worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG untouched
     fixed_z = trainer.gen.sample_z(args.sample_grid**2, device="cpu",
                                    generator=torch.Generator().manual_seed(args.seed)).to(device)

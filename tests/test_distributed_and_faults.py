@@ -144,3 +144,15 @@ def test_kill_9_then_resume_finishes(tmp_path):
     final = reached + 2
     subprocess.run(run + ["--iterations", str(final), "--resume"], cwd=ROOT, env=ENV, check=True, capture_output=True)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == final
+
+
+def test_ctrl_c_to_the_process_group_with_loader_workers(tmp_path):
+    # A terminal's Ctrl-C signals every process of the group, DataLoader workers included.
+    proc = subprocess.Popen(TRAIN + ["--workers", "1", "--out", str(tmp_path), "--iterations", "10000"], cwd=ROOT, env=ENV,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: metric_lines(tmp_path) >= 2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGINT: stopped after iteration" in err
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] >= 2

@@ -40,6 +40,13 @@ def all_grads(trainer):
             for name, p in module.named_parameters()}
 
 
+def parameters_identical_across_ranks(trainer) -> bool:
+    flat = torch.cat([p.detach().flatten() for p in list(trainer.gen.parameters()) + list(trainer.dis.parameters())])
+    gathered = [torch.empty_like(flat) for _ in range(WORLD)]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(gathered[0], other) for other in gathered[1:])
+
+
 def _rank_worker(rank, init_file, out_dir, x, z):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -49,14 +56,11 @@ def _rank_worker(rank, init_file, out_dir, x, z):
     local = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     trainer.step(x[local], z=z[local])
     torch.save(all_grads(trainer), Path(out_dir) / f"grads{rank}.pt")
-    identical = []
+    identical = [parameters_identical_across_ranks(trainer)]
     torch.manual_seed(100 + rank)  # from here on, the ranks draw different latents and offsets
-    for _ in range(2):
+    for _ in range(3):
         trainer.step(x[local])
-        flat = torch.cat([p.detach().flatten() for p in list(trainer.gen.parameters()) + list(trainer.dis.parameters())])
-        gathered = [torch.empty_like(flat) for _ in range(WORLD)]
-        dist.all_gather(gathered, flat)
-        identical.append(bool(torch.equal(gathered[0], gathered[1])))
+        identical.append(parameters_identical_across_ranks(trainer))
     (Path(out_dir) / f"identical{rank}.json").write_text(json.dumps(identical))
     dist.destroy_process_group()
 
@@ -82,7 +86,7 @@ def test_two_process_gradients_equal_one_process_on_the_global_batch(tmp_path):
             # gradient (conv biases before a BatchNorm have a true gradient of zero, so only noise).
             error = (grads[name] - grad).norm()
             assert error <= 2e-3 * grad.norm() + 1e-6 * total, f"{name}: |error| {error:.3g} vs |grad| {grad.norm():.3g}"
-        assert json.loads((tmp_path / f"identical{rank}.json").read_text()) == [True, True]
+        assert json.loads((tmp_path / f"identical{rank}.json").read_text()) == [True] * 4  # after every step
 
 
 def test_torchrun_two_processes_then_resume(tmp_path):

@@ -15,7 +15,6 @@ import argparse
 import json
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
 from typing import List, Sequence
 
@@ -32,7 +31,7 @@ from types import SimpleNamespace
 from datasets import ResumableBatchSampler, open_video_dataset
 from models import build_models, count_parameters, level_labels, model_config
 from trainer import Trainer, int_list
-from utils import pick_device
+from utils import encode_video, pick_device
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic UCF-101-shaped trees (for the data benchmark and the tests)
@@ -41,22 +40,10 @@ from utils import pick_device
 
 def write_video_file(path, frames: np.ndarray, fps: float = 25.0, codec: str = "mpeg4", gop: int = 12,
                      bit_rate: int = 600_000, b_frames: int = 0) -> Path:
-    """Encode uint8 RGB frames ``(T, H, W, 3)`` (even H and W) with PyAV; the container follows the extension."""
-    import av
-
+    """Encode uint8 RGB frames ``(T, H, W, 3)`` like a UCF-101 file; the container follows the extension."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        stream.bit_rate = bit_rate
-        stream.codec_context.gop_size = gop
-        stream.codec_context.max_b_frames = b_frames
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        container.mux(stream.encode())
-    return path
+    return encode_video(path, frames, fps, codec, bit_rate=bit_rate, gop_size=gop, max_b_frames=b_frames)
 
 
 def synthetic_frames(rng: np.random.Generator, n_frames: int, height: int, width: int) -> np.ndarray:

@@ -2,10 +2,11 @@
 
 import json
 import os
+from fractions import Fraction
 import random
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -80,7 +81,7 @@ def write_video(path, frames: np.ndarray, fps: float = 8.0) -> Path:
         data = np.repeat(frames, 3, axis=-1) if frames.shape[-1] == 1 else frames
         iio.imwrite(tmp, data, extension=".gif", duration=1000.0 / fps, loop=0)
     elif suffix == ".mp4":
-        _write_mp4(tmp, frames, fps)
+        encode_video(tmp, frames, fps, container_format="mp4")  # the temporary name hides the extension
     elif suffix == ".png":
         import imageio.v3 as iio
 
@@ -92,25 +93,33 @@ def write_video(path, frames: np.ndarray, fps: float = 8.0) -> Path:
     return path
 
 
-def _write_mp4(path: Path, frames: np.ndarray, fps: float) -> None:
+def encode_video(path, frames: np.ndarray, fps: float, codec: Optional[str] = None, container_format=None,
+                 **codec_options) -> Path:
+    """Encode uint8 frames ``(T, H, W, C)`` (C = 1 or 3) with PyAV (FFmpeg inside the wheel).
+
+    ``codec`` defaults to H.264 where available, else MPEG-4; the container follows the extension
+    unless ``container_format`` is given.  ``codec_options``: ``bit_rate``, ``gop_size``,
+    ``max_b_frames``.  Odd sizes are padded by one black row/column (yuv420p needs even sizes).
+    """
     import av
-    from fractions import Fraction
 
     if frames.shape[-1] == 1:
         frames = np.repeat(frames, 3, axis=-1)
-    t, h, w, _ = frames.shape
-    # yuv420p needs even sizes: pad by one black row/column where needed.
+    _, h, w, _ = frames.shape
     frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4",
-                                      rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
+    codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
+    with av.open(str(path), mode="w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
+        if "bit_rate" in codec_options:
+            stream.bit_rate = codec_options.pop("bit_rate")
+        for name, value in codec_options.items():
+            setattr(stream.codec_context, name, value)
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode())
+    return Path(path)
 
 
 def save_video_grid(videos: torch.Tensor, path, nrow: int = 8, fps: float = 8.0) -> Path:

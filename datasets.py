@@ -281,7 +281,7 @@ def real_pyramid(x: torch.Tensor, frame_strides: Sequence[int], batch_strides: S
     """The real counterpart of the generator's renders.
 
     ``x``: full-resolution clips ``(N, C, T, H, W)``.  Level ``l`` (1-based, ``L`` levels) is the
-    clip after ``l - 1`` rounds of subsampling (random frame offset, batch stride), average-pooled
+    clip after ``l - 1`` rounds of subsampling (a random frame offset per clip, batch stride), average-pooled
     spatially by ``2 ** (L - l)``.  Returns ``[x1, ..., xL]`` (and the labels of every level, subsampled
     with the same batch strides, when ``labels`` is given).
     """
@@ -289,7 +289,7 @@ def real_pyramid(x: torch.Tensor, frame_strides: Sequence[int], batch_strides: S
     levels = []
     for level in range(n_levels):
         if level > 0:
-            x = subsample(x, frame_strides[level - 1], batch_strides[level - 1], time_dim=2)
+            x = subsample(x, frame_strides[level - 1], batch_strides[level - 1], time_dim=2, offset_per_sample=True)
         factor = 2 ** (n_levels - 1 - level)
         levels.append(F.avg_pool3d(x, (1, factor, factor)) if factor > 1 else x.contiguous())
     return (levels, level_labels(labels, batch_strides)) if labels is not None else levels

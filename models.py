@@ -37,6 +37,7 @@ class ModelConfig:
     subsample_frames: List[int] = field(default_factory=lambda: [2, 2, 2])
     subsample_batch: List[int] = field(default_factory=lambda: [1, 1, 1])
     n_classes: int = 0  # > 0: class-conditional (categorical BN in G, projection in every D)
+    lstm_forget_bias: float = 0.0  # initial bias of the ConvLSTM's forget gate (the authors': 0)
 
     @property
     def n_levels(self) -> int:
@@ -100,6 +101,10 @@ def model_config(preset: str, resolution: Optional[int] = None, **overrides) -> 
     if any(s < 1 for s in cfg.subsample_frames + cfg.subsample_batch):
         raise ValueError("subsampling strides must be >= 1")
     return cfg
+
+
+# The generator's BatchNorm epsilon: Chainer's default, which the authors' code uses.
+BN_EPS = 2e-5
 
 
 def init_conv(module: nn.Module, gain: float) -> None:
@@ -194,7 +199,7 @@ class ConvLSTM(nn.Module):
     hidden states ``(N, n_steps, C, h, w)``.  Gates are split in the order i, f, o, g.
     """
 
-    def __init__(self, channels: int, n_layers: int = 1):
+    def __init__(self, channels: int, n_layers: int = 1, forget_bias: float = 0.0):
         super().__init__()
         self.channels = channels
         self.input_convs = nn.ModuleList(
@@ -205,6 +210,9 @@ class ConvLSTM(nn.Module):
         )
         for conv in list(self.input_convs) + list(self.state_convs):
             init_lecun(conv)
+        with torch.no_grad():
+            for conv in self.input_convs:  # gates are i, f, o, g: the second chunk is the forget gate
+                conv.bias[channels : 2 * channels] = forget_bias
 
     @staticmethod
     def _cell(gates: torch.Tensor, c: Optional[torch.Tensor]):
@@ -246,7 +254,7 @@ class CategoricalBatchNorm2d(nn.Module):
 
     def __init__(self, channels: int, n_classes: int):
         super().__init__()
-        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.norm = nn.BatchNorm2d(channels, eps=BN_EPS, affine=False)
         self.scale = nn.Embedding(n_classes, channels)
         self.shift = nn.Embedding(n_classes, channels)
         nn.init.ones_(self.scale.weight)
@@ -258,7 +266,7 @@ class CategoricalBatchNorm2d(nn.Module):
 
 def make_norm(channels: int, n_classes: int) -> nn.Module:
     """The generator's BatchNorm: plain, or categorical when ``n_classes > 0``."""
-    return CategoricalBatchNorm2d(channels, n_classes) if n_classes else nn.BatchNorm2d(channels)
+    return CategoricalBatchNorm2d(channels, n_classes) if n_classes else nn.BatchNorm2d(channels, eps=BN_EPS)
 
 
 def normalize(norm: nn.Module, x: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
@@ -300,12 +308,14 @@ class RenderHead(nn.Module):
 
 
 def subsample(x: torch.Tensor, frame_stride: int, batch_stride: int, time_dim: int,
-              offset: Optional[int] = None) -> torch.Tensor:
+              offset: Optional[int] = None, offset_per_sample: bool = False) -> torch.Tensor:
     """Keep every ``frame_stride``-th frame from a random offset and every ``batch_stride``-th sample.
 
     ``x`` has the batch on dim 0 and time on ``time_dim``.  Exactly ``T // frame_stride`` frames
     are kept whatever the offset, so shapes never depend on the random draw.  The offset is drawn
-    from ``[0, frame_stride)`` with the global generator of ``x``'s device unless given.
+    from ``[0, frame_stride)`` with the global generator of ``x``'s device unless given: one for the
+    whole batch (the generator's layers), or one per sample with ``offset_per_sample`` (real clips,
+    as the authors' data pipeline does).
     """
     kept = x.shape[time_dim] // frame_stride
     if kept < 1:
@@ -314,10 +324,14 @@ def subsample(x: torch.Tensor, frame_stride: int, batch_stride: int, time_dim: i
     if frame_stride == 1:
         return x
     if offset is None:
-        # A device tensor through index_select: no host sync, and one compiled graph for every offset.
-        offset = torch.randint(frame_stride, (1,), device=x.device)
-    frames = offset + frame_stride * torch.arange(kept, device=x.device)
-    return x.index_select(time_dim, frames)
+        # A device tensor, not a Python int: no host sync, and one compiled graph for every offset.
+        offset = torch.randint(frame_stride, (x.shape[0] if offset_per_sample else 1,), device=x.device)
+    frames = torch.as_tensor(offset, device=x.device).view(-1, 1) + frame_stride * torch.arange(kept, device=x.device)
+    if frames.shape[0] == 1:
+        return x.index_select(time_dim, frames[0])
+    index_shape = [1] * x.dim()
+    index_shape[0], index_shape[time_dim] = frames.shape
+    return torch.take_along_dim(x, frames.view(index_shape), dim=time_dim)
 
 
 def unfold_time(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -353,7 +367,7 @@ class Generator(nn.Module):
         ch, k = cfg.clstm_ch, cfg.n_classes
         self.fc = nn.Linear(cfg.z_dim, ch * cfg.t_size * cfg.t_size)
         init_lecun(self.fc)
-        self.clstm = ConvLSTM(ch, cfg.clstm_layers)
+        self.clstm = ConvLSTM(ch, cfg.clstm_layers, cfg.lstm_forget_bias)
         self.base = nn.ModuleList()
         for out_ch in cfg.base_channels:
             self.base.append(UpBlock(ch, out_ch, k))

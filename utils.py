@@ -138,8 +138,8 @@ def previous_checkpoint_path(path) -> Path:
     return path.with_name(path.stem + ".prev" + path.suffix)
 
 
-def save_checkpoint(state: dict, path) -> Path:
-    """Atomically write ``state`` to ``path``, keeping the former file as ``*.prev.pt``.
+def save_checkpoint(state: dict, path, keep_previous: bool = True) -> Path:
+    """Atomically write ``state`` to ``path``, keeping the former file as ``*.prev.pt`` if ``keep_previous``.
 
     The new checkpoint is written to a temporary file, flushed to disk, then renamed over the old
     one; a crash at any moment leaves at least one complete checkpoint.
@@ -151,7 +151,7 @@ def save_checkpoint(state: dict, path) -> Path:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    if path.exists():
+    if keep_previous and path.exists():
         os.replace(path, previous_checkpoint_path(path))
     os.replace(tmp, path)
     return path

@@ -1,0 +1,119 @@
+"""Training recipes: the authors' constants, the EMA generator, lazy R1 and per-clip real offsets."""
+
+import math
+
+import pytest
+import torch
+
+import train_movingmnist
+import trainer
+from datasets import real_pyramid
+from models import BN_EPS, Generator, model_config, subsample
+from utils import load_checkpoint
+
+FAST = ["--data", "synthetic", "--batch-size", "2", "--workers", "0", "--sample-grid", "2", "--log-every", "1"]
+
+
+def parse(*argv):
+    args = trainer.build_parser("test", train_movingmnist.DEFAULTS).parse_args(list(argv))
+    trainer.apply_recipe(args)
+    return args
+
+
+def test_paper_recipe_is_the_authors_and_flags_override_a_recipe():
+    paper = parse("--recipe", "paper")
+    assert (paper.amp, paper.lr_g, paper.lr_d, paper.beta1, paper.beta2) == ("none", 1e-4, 1e-4, 0.0, 0.9)
+    assert (paper.ema_decay, paper.r1_every, paper.lstm_forget_bias) == (0.0, 1, 0.0)
+    assert parse("--recipe", "paper", "--lr-g", "3e-4").lr_g == 3e-4
+    assert parse().recipe == "tuned"
+
+
+def test_generator_batchnorm_uses_chainers_epsilon():
+    gen = Generator(model_config("movingmnist"))
+    eps = {m.eps for m in gen.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert eps == {BN_EPS} == {2e-5}
+
+
+def test_adam_matches_chainers_epsilon_placement():
+    """Chainer: lr * sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps); ours sets torch's eps per step."""
+    args = parse("--recipe", "paper")
+    t = trainer.Trainer(model_config("movingmnist", n_frames=4), args, torch.device("cpu"))
+    p = torch.nn.Parameter(torch.tensor([0.5, -2.0, 1e-9]))
+    t.opt_g = torch.optim.Adam([p], lr=1e-3, betas=(0.5, 0.9), eps=1.0)
+    args.beta2 = 0.9
+    ref, m, v = p.detach().clone().double(), 0.0, 0.0
+    grads = [torch.tensor([1e-7, 3.0, -2e-8]), torch.tensor([2e-7, -1.0, 1e-8]), torch.tensor([0.0, 0.5, 3e-8])]
+    for step, g in enumerate(grads):
+        t.set_iteration(step)
+        t.opt_g.param_groups[0]["lr"] = 1e-3
+        p.grad = g.clone()
+        t.opt_g.step()
+        g = g.double()
+        m = 0.5 * m + 0.5 * g
+        v = 0.9 * v + 0.1 * g * g
+        k = step + 1
+        ref = ref - 1e-3 * math.sqrt(1 - 0.9**k) / (1 - 0.5**k) * m / (v.sqrt() + trainer.CHAINER_ADAM_EPS)
+    torch.testing.assert_close(p.detach().double(), ref, rtol=1e-5, atol=1e-12)
+
+
+def test_real_offsets_are_drawn_per_clip():
+    x = torch.arange(64 * 8, dtype=torch.float32).view(64, 1, 8, 1, 1).expand(64, 1, 8, 8, 8)
+    level2 = real_pyramid(x, [2, 2, 2], [1, 1, 1])[1]  # (64, 1, 4, 4, 4)
+    first = level2[:, 0, :, 0, 0] - 8 * torch.arange(64)[:, None]  # frame indices kept per clip
+    assert set(first[:, 0].tolist()) == {0.0, 1.0}  # both offsets occur across clips
+    assert torch.equal(first - first[:, :1], torch.tensor([0.0, 2.0, 4.0, 6.0]).expand(64, 4))
+    one = subsample(x, 2, 1, time_dim=2, offset=1)
+    assert torch.equal(one[:, 0, :, 0, 0] - 8 * torch.arange(64)[:, None], torch.tensor([1.0, 3, 5, 7]).expand(64, 4))
+
+
+def test_forget_gate_bias_initialisation():
+    gen = Generator(model_config("movingmnist", lstm_forget_bias=1.0))
+    bias = gen.clstm.input_convs[0].bias.view(4, -1)  # gates i, f, o, g
+    assert torch.all(bias[1] == 1.0) and torch.all(bias[[0, 2, 3]] == 0.0)
+
+
+def test_lazy_r1_runs_every_k_iterations_weighted_by_k():
+    args = parse("--recipe", "paper", "--r1-every", "3")
+    t = trainer.Trainer(model_config("movingmnist", n_frames=8), args, torch.device("cpu"))
+    x = torch.rand(2, 1, 8, 64, 64) * 2 - 1
+    r1 = []
+    for i in range(4):
+        t.set_iteration(i)
+        r1.append(t.step(x)["r1"].item())
+    assert r1[1] == r1[2] == 0.0 and r1[0] > 0 and r1[3] > 0
+
+
+def test_ema_generator_is_checkpointed_and_resumes_exactly(tmp_path):
+    ema = ["--ema-decay", "0.9", "--snapshot-every", "2"]
+    train_movingmnist.main([*FAST, "--out", str(tmp_path / "straight"), "--iterations", "4", *ema])
+    train_movingmnist.main([*FAST, "--out", str(tmp_path / "split"), "--iterations", "2", *ema])
+    train_movingmnist.main([*FAST, "--out", str(tmp_path / "split"), "--iterations", "4", "--resume"])
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert a["config"]["ema_decay"] == 0.9
+    for name, tensor in a["generator_ema"].items():
+        assert torch.equal(tensor, b["generator_ema"][name]), f"generator_ema.{name} differs after resume"
+    differs = [not torch.equal(a["generator_ema"][k], a["generator"][k]) for k in a["generator"]]
+    assert any(differs)  # the average is not a copy of G
+    snap = load_checkpoint(tmp_path / "straight" / "snapshots" / "snapshot_000004.pt")
+    assert snap["ema"] and set(snap) == {"generator", "ema", "iteration", "config"}
+    for name, tensor in a["generator_ema"].items():
+        assert torch.equal(tensor, snap["generator"][name])
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_ema_update_formula(decay):
+    args = parse("--recipe", "paper", "--ema-decay", str(decay))
+    t = trainer.Trainer(model_config("movingmnist", n_frames=4), args, torch.device("cpu"))
+    if decay == 0.0:
+        assert t.gen_ema is None and t.sampler is t.gen
+        return
+    before = [p.detach().clone() for p in t.gen_ema.parameters()]
+    with torch.no_grad():
+        for p in t.gen.parameters():
+            p.add_(1.0)
+    t.set_iteration(1000)
+    t.update_ema()
+    for old, new in zip(before, t.gen_ema.parameters()):
+        torch.testing.assert_close(new, old + 0.5)
+    assert t.sampler is t.gen_ema and not t.gen_ema.training

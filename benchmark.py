@@ -190,7 +190,7 @@ def run_data(args) -> List[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# costs: the paper's cost table for our code (SPEC §8), on the meta device
+# costs: the paper's cost table for our code (docs/METHOD.md, 'Cost table'), on the meta device
 # ---------------------------------------------------------------------------------------------
 
 # figure/gflops.tsv of the authors' repository, batch 8, paper preset (G cells are multiply-accumulates).

@@ -272,7 +272,7 @@ def open_moving_mnist(data: str, n_frames: int, default_path="data/mnist_test_se
 
 
 # ---------------------------------------------------------------------------------------------
-# The real-data pyramid (SPEC §4)
+# The real-data pyramid (docs/METHOD.md, 'Real-data pyramid')
 # ---------------------------------------------------------------------------------------------
 
 
@@ -299,7 +299,7 @@ def real_pyramid(x: torch.Tensor, frame_strides: Sequence[int], batch_strides: S
 # UCF-101 and folders of videos
 # ---------------------------------------------------------------------------------------------
 #
-# Pre-processing (SPEC §6, the paper's recipe at resolution R = 192; other R scale every size by
+# Pre-processing (docs/METHOD.md, 'UCF-101': the paper's recipe at resolution R = 192; other R scale every size by
 # R / 192): every frame is resized to R x round(4R/3) (192 x 256) with swscale's area filter, a
 # R-wide window is cropped whose left edge is drawn uniformly from [m, round(4R/3) - R - m] with
 # the margin m = round(4R/192) (4 px at 192: columns 4..60), the clip is flipped horizontally with

@@ -1,4 +1,4 @@
-"""Inception Score, FID and FVD of a generator checkpoint or a folder of videos (SPEC §7).
+"""Inception Score, FID and FVD of a generator checkpoint or a folder of videos (docs/METHOD.md, 'Evaluation').
 
 The protocol people compare against (Saito et al.): C3D fine-tuned on UCF-101 (the authors'
 ``conv3d_deepnetA_ucf.npz`` and ``mean2.npz``), 16-frame videos, IS of the fc8 softmax over 2048

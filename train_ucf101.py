@@ -19,7 +19,7 @@ from datasets import (VIDEO_EXTENSIONS, list_ucf101, list_video_folder, open_vid
                       video_dataset_kind)
 from utils import save_video_grid
 
-# The paper's run (SPEC §2, §5): 192 px, batch 32 per GPU, 100k iterations (lambda 0.5 and Adam 1e-4
+# The paper's run (docs/METHOD.md, 'Presets'): 192 px, batch 32 per GPU, 100k iterations (lambda 0.5 and Adam 1e-4
 # (0.0, 0.9) come from trainer.SHARED_DEFAULTS), learning rates decaying linearly to 0 from iteration 0, frame strides 2,2,2.
 DEFAULTS = dict(
     preset="paper",

@@ -1,7 +1,7 @@
 """The one TGANv2 training loop shared by ``train_movingmnist.py`` and ``train_ucf101.py``.
 
 A train script supplies its defaults, a function that opens its dataset and its ``genSamples``;
-everything else (flags, the SPEC §5 update, logging, samples, checkpoints, resume) lives here.
+everything else (flags, the GAN update, logging, samples, checkpoints, resume) lives here.
 """
 
 import argparse
@@ -63,7 +63,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-# Defaults every script shares: the paper's optimisation (SPEC §5) and run-time settings.
+# Defaults every script shares: the paper's optimisation (docs/METHOD.md, 'Training step') and run-time settings.
 # The scripts set the rest (preset, data, iterations, batch, strides, schedule, intervals).
 SHARED_DEFAULTS = dict(n_frames=16, gp_weight=0.5, recipe="tuned", log_every=10, seed=0, device="auto",
                        compile=False, channels_last=True, conditional=False, sync_bn=True, eval_every=0,
@@ -84,7 +84,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     """The flags both train scripts share, with the script's ``defaults`` applied."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="network sizes (SPEC §2 table)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="network sizes (table in docs/METHOD.md, 'Presets')")
     p.add_argument("--data", help="where the training videos come from (see the script's description)")
     p.add_argument("--out", help="run folder: config.json, metrics.jsonl, samples/, checkpoint.pt")
     p.add_argument("--iterations", type=positive_int, help="total training iterations (one G and one D update each)")
@@ -159,7 +159,7 @@ def linear_decay(base_lr: float, iteration: int, start: int, total: int) -> floa
 
 
 class Trainer:
-    """Holds the networks, optimizers and the SPEC §5 update.
+    """Holds the networks, optimizers and the update (docs/METHOD.md, 'Training step').
 
     ``step(x_real)`` runs one iteration on real clips ``(N, C, T, H, W)`` and returns the losses as
     0-dim device tensors (no host sync).  Under torchrun, gradients are averaged across processes
@@ -383,7 +383,7 @@ def gather_rng_states(world_size: int) -> list:
 
 
 def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: Optional[dict] = None) -> dict:
-    """Run the SPEC §5 loop on ``dataset`` (uint8 clips ``(C, T, H, W)`` keyed by ``(index, seed)``).
+    """Run the training loop on ``dataset`` (uint8 clips ``(C, T, H, W)`` keyed by ``(index, seed)``).
 
     ``ckpt`` is the checkpoint to continue from (see :func:`resolve_resume`).  Writes
     ``OUT/config.json``, ``OUT/metrics.jsonl``, ``OUT/samples/`` (through ``gen_samples``) and

@@ -1,4 +1,4 @@
-"""Shapes and maths of the networks (SPEC §2-3)."""
+"""Shapes and maths of the networks (docs/METHOD.md, 'Generator' and 'Discriminators')."""
 
 import math
 

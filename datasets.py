@@ -300,7 +300,7 @@ def real_pyramid(x: torch.Tensor, frame_strides: Sequence[int], batch_strides: S
 # ---------------------------------------------------------------------------------------------
 #
 # Pre-processing (docs/METHOD.md, 'UCF-101': the paper's recipe at resolution R = 192; other R scale every size by
-# R / 192): every frame is resized to R x round(4R/3) (192 x 256) with swscale's area filter, a
+# R / 192): every frame is resized to R x round(4R/3) (192 x 256) with swscale's bicubic filter, a
 # R-wide window is cropped whose left edge is drawn uniformly from [m, round(4R/3) - R - m] with
 # the margin m = round(4R/192) (4 px at 192: columns 4..60), the clip is flipped horizontally with
 # probability 1/2, and T consecutive frames start at a uniform frame in [0, frames - T].  Videos of
@@ -309,9 +309,9 @@ def real_pyramid(x: torch.Tensor, frame_strides: Sequence[int], batch_strides: S
 
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm")
-# The one resize used by decoding and by the cache (area averaging: UCF-101 is only ever shrunk).
-RESIZE_INTERPOLATION = "AREA"
-CACHE_FORMAT = "tgan2-frame-cache/1"
+# The one resize used by decoding and by the cache: bicubic, as the authors' preparation script.
+RESIZE_INTERPOLATION = "BICUBIC"
+CACHE_FORMAT = "tgan2-frame-cache/2"  # /1 held area-resized frames
 UCF101_NAME = re.compile(r"^v_(?P<cls>.+)_g\d+_c\d+$")
 
 
@@ -804,7 +804,8 @@ def load_cache_index(cache_dir, height: int, width: int) -> dict:
         raise FileNotFoundError(f"--cache {cache_dir}: no index.json (build it with `python train_ucf101.py prepare`)")
     index = json.loads(path.read_text())
     if index.get("format") != CACHE_FORMAT:
-        raise ValueError(f"--cache {cache_dir}: not a frame cache of this version ({index.get('format')!r})")
+        raise ValueError(f"--cache {cache_dir}: not a frame cache of this version ({index.get('format')!r}, "
+                         f"expected {CACHE_FORMAT!r}); prepare it again")
     if (index["height"], index["width"]) != (height, width):
         raise ValueError(f"--cache {cache_dir}: frames are {index['height']}x{index['width']}, not {height}x{width} "
                          f"(prepared with --resolution {index['resolution']})")

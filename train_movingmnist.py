@@ -38,7 +38,8 @@ def genSamples(gen, z, iteration, out_dir, labels=None, n_frames=16):
     """Write ``OUT/samples/iter_XXXXXX.gif``: a grid of dense samples of the last level.
 
     ``gen`` is in eval mode (BatchNorm running statistics); ``z`` is the fixed ``(n*n, z_dim)``
-    latent batch (``--sample-grid n``), so grids of different iterations show the same videos evolving.
+    latent batch (``--sample-grid n``), so grids of different iterations show the same videos evolving;
+    ``n_frames`` is the run's ``--n-frames``.
     ``labels`` is always ``None`` here: Moving MNIST clips have no class.
     """
     videos = torch.cat([gen.generate(chunk, n_frames) for chunk in z.split(16)])  # (n*n, 1, T, 64, 64)
@@ -51,8 +52,13 @@ def open_dataset(args):
     return dataset, f"{type(dataset).__name__}: {getattr(dataset, 'path', 'procedural')}"
 
 
+# What a run without a GPU recommends: a first result within about half an hour on a 2-core CPU (README).
+CPU_QUICK_START = ("python train_movingmnist.py --batch-size 8 --iterations 1500 --sample-every 250 --sample-grid 4 "
+                   "--out runs/quickstart")
+
+
 def main(argv=None):
-    return trainer.main(DESCRIPTION, DEFAULTS, open_dataset, genSamples, argv)
+    return trainer.main(DESCRIPTION, DEFAULTS, open_dataset, genSamples, argv, quick_start=CPU_QUICK_START)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def genSamples(gen, z, iteration, out_dir, labels=None, n_frames=16):
     """Write ``OUT/samples/iter_XXXXXX.gif``: a grid of dense 192x192 (``--resolution``) samples.
 
     ``gen`` is in eval mode (BatchNorm running statistics); ``z`` is the fixed ``(n*n, z_dim)``
-    latent batch (``--sample-grid n``), so grids of different iterations show the same videos evolving.
+    latent batch (``--sample-grid n``), so grids of different iterations show the same videos evolving;
+    ``n_frames`` is the run's ``--n-frames``.
     ``labels`` (conditional runs) give one class per row.
     """
     label_chunks = labels.split(8) if labels is not None else [None] * len(z.split(8))

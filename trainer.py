@@ -382,10 +382,31 @@ def gather_rng_states(world_size: int) -> list:
     return states
 
 
-def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: Optional[dict] = None) -> dict:
+# Seconds of training after which a run writes its first sample grid if --sample-every has not come yet.
+FIRST_SAMPLE_AFTER_S = 120.0
+
+
+def describe_run(device: torch.device, amp: str, world_size: int, batch_size: int, iterations: int) -> str:
+    """One line saying what a run is about to do: device, precision, threads, batch and length."""
+    precision = "bf16 autocast" if amp == "bf16" else "fp32"
+    threads = f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""
+    procs = f" x {world_size} processes" if world_size > 1 else ""
+    return (f"training on {device}{procs} ({precision}{threads}): {iterations} iterations at batch {batch_size}")
+
+
+def describe_speed(it_per_s: float, remaining: int) -> str:
+    """``"speed 1.62 it/s: the remaining 2900 iterations take about 0:29:50"``."""
+    seconds = int(remaining / max(it_per_s, 1e-9))
+    return (f"speed {it_per_s:.2f} it/s: the remaining {remaining} iterations take about "
+            f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}")
+
+
+def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: Optional[dict] = None,
+          quick_start: str = "") -> dict:
     """Run the training loop on ``dataset`` (uint8 clips ``(C, T, H, W)`` keyed by ``(index, seed)``).
 
-    ``ckpt`` is the checkpoint to continue from (see :func:`resolve_resume`).  Writes
+    ``ckpt`` is the checkpoint to continue from (see :func:`resolve_resume`); ``quick_start`` is the
+    command printed when there is no GPU.  Writes
     ``OUT/config.json``, ``OUT/metrics.jsonl``, ``OUT/samples/`` (through ``gen_samples``) and
     ``OUT/checkpoint.pt`` — on rank 0 only under torchrun.  Returns the last logged metrics.
     """
@@ -467,7 +488,7 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: O
         gen, was_training = trainer.sampler, trainer.sampler.training
         gen.eval()
         with torch.no_grad(), trainer.autocast():
-            gen_samples(gen, fixed_z, iteration, out, fixed_labels)
+            gen_samples(gen, fixed_z, iteration, out, fixed_labels, n_frames=cfg.n_frames)
         gen.train(was_training)
 
     def snapshot(iteration: int) -> None:
@@ -498,9 +519,15 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: O
         count, t_log = 0, now
         return record
 
+    if is_main:
+        print(describe_run(device, trainer.amp, world_size, args.batch_size, args.iterations - start), file=sys.stderr)
+        if device.type == "cpu" and quick_start:
+            print(f"No GPU: a full run takes hours here. For a first result on a CPU, run:\n    {quick_start}",
+                  file=sys.stderr)
     bar = tqdm(total=args.iterations, initial=start, dynamic_ncols=True, desc=out.name, disable=not is_main)
     data_iter = iter(loader)
     iteration = start
+    t_start, sampled_at, eta_said = time.perf_counter(), None, False
     with StopRequest() as stop:
         while iteration < args.iterations:
             batch = next(data_iter)
@@ -518,9 +545,15 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: O
             if log_now or stopping:
                 last = flush(iteration)
                 bar.set_postfix(L_G=f"{last['loss_g']:.3f}", L_D=f"{last['loss_d']:.3f}", R1=f"{last['r1']:.3f}")
+                if is_main and not eta_said and iteration - start >= min(3 * args.log_every, args.iterations - start):
+                    eta_said = True
+                    tqdm.write(describe_speed(last["it_per_s"], args.iterations - iteration))
             t_io = time.perf_counter()
-            if iteration % args.sample_every == 0 or iteration == args.iterations:
+            # A first grid within minutes, whatever --sample-every says, and one when a signal stops the run.
+            early = sampled_at is None and log_now and t_io - t_start > FIRST_SAMPLE_AFTER_S
+            if iteration % args.sample_every == 0 or iteration == args.iterations or early or stopping:
                 sample(iteration)
+                sampled_at = iteration
             if eval_models is not None and (iteration % args.eval_every == 0 or iteration == args.iterations):
                 evaluate(iteration)
             if args.snapshot_every and iteration % args.snapshot_every == 0:
@@ -539,10 +572,11 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: O
 
 
 def main(description: str, defaults: Dict, open_dataset: Callable, gen_samples: Callable, argv=None,
-         add_arguments: Optional[Callable] = None) -> dict:
+         add_arguments: Optional[Callable] = None, quick_start: str = "") -> dict:
     """Parse flags, open the dataset with ``open_dataset(args) -> (dataset, description)`` and train.
 
-    ``add_arguments(parser)`` lets a script add its own flags.  Bad input (a missing file, a
+    ``add_arguments(parser)`` lets a script add its own flags; ``quick_start`` is the command a
+    run without a GPU recommends.  Bad input (a missing file, a
     malformed array, a bad flag value) exits with a one-line error.
     """
     parser = build_parser(description, defaults)
@@ -553,7 +587,7 @@ def main(description: str, defaults: Dict, open_dataset: Callable, gen_samples: 
     try:
         ckpt = resolve_resume(args)  # first: the checkpoint's settings decide how the data is opened
         dataset, describe = open_dataset(args)
-        return train(args, dataset, gen_samples, describe, ckpt)
+        return train(args, dataset, gen_samples, describe, ckpt, quick_start)
     except (FileNotFoundError, ValueError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1)

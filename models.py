@@ -38,6 +38,7 @@ class ModelConfig:
     subsample_batch: List[int] = field(default_factory=lambda: [1, 1, 1])
     n_classes: int = 0  # > 0: class-conditional (categorical BN in G, projection in every D)
     lstm_forget_bias: float = 0.0  # initial bias of the ConvLSTM's forget gate (the authors': 0)
+    content_skip: bool = False  # add the fc output to every ConvLSTM output (the authors: no)
 
     @property
     def n_levels(self) -> int:
@@ -405,8 +406,10 @@ class Generator(nn.Module):
     def frames(self, z: torch.Tensor, n_frames: int, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Level-1 features of every frame: ``(N * n_frames, C_base, r1, r1)``."""
         n = z.shape[0]
-        h = self.fc(z).view(n, self.cfg.clstm_ch, self.cfg.t_size, self.cfg.t_size)
-        h = self.clstm(h, n_frames)
+        x0 = self.fc(z).view(n, self.cfg.clstm_ch, self.cfg.t_size, self.cfg.t_size)
+        h = self.clstm(x0, n_frames)
+        if self.cfg.content_skip:  # z's projection reaches every frame, not only the LSTM's first step
+            h = h + x0[:, None]
         h = h.reshape(n * n_frames, *h.shape[2:])
         per_frame = frame_labels(labels, n_frames)
         for block in self.base:

@@ -29,7 +29,7 @@ from utils import (all_reduce_mean_, append_jsonl, average_gradients, broadcast_
 # Flags that define the experiment: on --resume they come from the checkpoint, not the command line.
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
                    "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
-                   "split", "sync_bn", "recipe", "ema_decay", "r1_every", "lstm_forget_bias")
+                   "split", "sync_bn", "recipe", "ema_decay", "r1_every", "lstm_forget_bias", "content_skip")
 
 # Adam's epsilon as Chainer applies it: added to sqrt(v) before bias correction (the authors' optimiser).
 CHAINER_ADAM_EPS = 8e-8
@@ -38,9 +38,9 @@ CHAINER_ADAM_EPS = 8e-8
 # equal wall-clock on 64-px moving digits (README, "Recipe").  Explicit flags override a recipe's values.
 RECIPES = {
     "paper": dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, ema_decay=0.0, r1_every=1,
-                  lstm_forget_bias=0.0),
+                  lstm_forget_bias=0.0, content_skip=False),
     "tuned": dict(amp="auto", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, ema_decay=0.0, r1_every=1,
-                  lstm_forget_bias=0.0),
+                  lstm_forget_bias=0.0, content_skip=False),
 }
 
 
@@ -103,6 +103,8 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     p.add_argument("--r1-every", type=positive_int,
                    help="lazy R1: compute the penalty every N iterations, weighted by N (recipe)")
     p.add_argument("--lstm-forget-bias", type=float, help="initial bias of the ConvLSTM's forget gate (recipe)")
+    p.add_argument("--content-skip", action=argparse.BooleanOptionalAction,
+                   help="add z's projection to every ConvLSTM output, so every frame sees the latent (recipe)")
     p.add_argument("--gp-weight", type=float, help="weight of the zero-centred R1 penalty on real data (lambda)")
     p.add_argument("--lr-decay-start", type=int,
                    help="iteration from which both learning rates decay linearly to 0 at --iterations; -1 = constant")
@@ -422,7 +424,8 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: O
     cfg = model_config(args.preset, resolution=getattr(args, "resolution", None), n_frames=args.n_frames,
                        subsample_frames=args.subsample_frames, subsample_batch=args.subsample_batch,
                        n_classes=len(classes) if conditional else 0,
-                       lstm_forget_bias=getattr(args, "lstm_forget_bias", None))
+                       lstm_forget_bias=getattr(args, "lstm_forget_bias", None),
+                       content_skip=getattr(args, "content_skip", None))
     trainer = Trainer(cfg, args, device)
     broadcast_module(trainer.gen)
     broadcast_module(trainer.dis)

@@ -117,3 +117,17 @@ def test_ema_update_formula(decay):
     for old, new in zip(before, t.gen_ema.parameters()):
         torch.testing.assert_close(new, old + 0.5)
     assert t.sampler is t.gen_ema and not t.gen_ema.training
+
+
+def test_content_skip_adds_the_latent_projection_to_every_frame():
+    torch.manual_seed(0)
+    plain = Generator(model_config("movingmnist", n_frames=4))
+    skip = Generator(model_config("movingmnist", n_frames=4, content_skip=True))
+    skip.load_state_dict(plain.state_dict())
+    z = plain.sample_z(2)
+    seen = {}
+    for name, gen in (("plain", plain), ("skip", skip)):
+        gen.base[0].register_forward_hook(lambda m, inputs, out, name=name: seen.setdefault(name, inputs[0]))
+        gen.generate(z, 4)
+    x0 = plain.fc(z).view(2, 1, 256, 4, 4)
+    torch.testing.assert_close(seen["skip"].view(2, 4, 256, 4, 4), seen["plain"].view(2, 4, 256, 4, 4) + x0)

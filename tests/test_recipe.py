@@ -127,7 +127,7 @@ def test_content_skip_adds_the_latent_projection_to_every_frame():
     z = plain.sample_z(2)
     seen = {}
     for name, gen in (("plain", plain), ("skip", skip)):
-        gen.base[0].register_forward_hook(lambda m, inputs, out, name=name: seen.setdefault(name, inputs[0]))
+        gen.base[0].register_forward_pre_hook(lambda m, inputs, name=name: seen.update({name: inputs[0]}))
         gen.generate(z, 4)
     x0 = plain.fc(z).view(2, 1, 256, 4, 4)
     torch.testing.assert_close(seen["skip"].view(2, 4, 256, 4, 4), seen["plain"].view(2, 4, 256, 4, 4) + x0)

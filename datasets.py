@@ -122,7 +122,7 @@ class MovingMNIST(Dataset):
             raise ValueError(f"{path}: expected a uint8 array {MOVING_MNIST_LAYOUT}, "
                              f"got {data.dtype} {tuple(data.shape)}")
         if data.shape[1] == 0:
-            raise ValueError(f"{path}: holds 0 videos; expected uint8 {MOVING_MNIST_LAYOUT}")
+            raise ValueError(f"{path}: holds 0 videos (shape {tuple(data.shape)}); expected uint8 {MOVING_MNIST_LAYOUT}")
         if data.shape[0] < n_frames:
             raise ValueError(f"{path}: videos have {data.shape[0]} frames, fewer than --n-frames {n_frames}")
         self.path, self.data, self.n_frames = path, data, n_frames

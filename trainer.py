@@ -562,9 +562,9 @@ def main(description: str, defaults: Dict, open_dataset: Callable, gen_samples: 
         dataset, describe = open_dataset(args)
         return train(args, dataset, gen_samples, describe, ckpt)
     except (FileNotFoundError, ValueError, TrainingDiverged, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        tqdm.write(f"error: {err}", file=sys.stderr)  # on its own line, below the progress bar
         raise SystemExit(1)
     except OSError as err:  # the disk filled up or went read-only mid-run
-        print(f"error: {describe_os_error(err)}; {last_good_checkpoint(Path(args.out) / 'checkpoint.pt')}",
-              file=sys.stderr)
+        tqdm.write(f"error: {describe_os_error(err)}; {last_good_checkpoint(Path(args.out) / 'checkpoint.pt')}",
+                   file=sys.stderr)
         raise SystemExit(1)

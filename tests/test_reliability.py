@@ -435,15 +435,21 @@ def test_second_sigterm_during_a_long_step_stops_within_seconds(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_torchrun_sigterm_to_the_workers_exits_zero(tmp_path):
+def torchrun_until_two_logs(out, *extra):
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "train_movingmnist.py", *FAST, "--out", str(tmp_path), "--iterations", "10000"]
+              "train_movingmnist.py", *FAST, "--out", str(out), "--iterations", "10000", *extra]
     proc = subprocess.Popen(launch, cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "metrics.jsonl"
+    metrics = out / "metrics.jsonl"
+    start = len(metrics.read_text().splitlines()) if metrics.exists() else 0
     deadline = time.monotonic() + 120
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= start + 2):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.2)
+    return proc
+
+
+def test_torchrun_sigterm_to_the_workers_exits_zero_and_to_torchrun_still_checkpoints(tmp_path):
+    proc = torchrun_until_two_logs(tmp_path)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2
     for pid in workers:
@@ -451,4 +457,12 @@ def test_torchrun_sigterm_to_the_workers_exits_zero(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     assert "SIGTERM: stopped after iteration" in err
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] >= 2
+    reached = load_checkpoint(tmp_path / "checkpoint.pt")["iteration"]
+    assert reached >= 2
+    # torchrun itself forwards the signal, then re-raises it: exit 1, but the ranks have checkpointed
+    proc = torchrun_until_two_logs(tmp_path, "--resume")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "SignalException" in err
+    assert "SIGTERM: stopped after iteration" in err
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] >= reached + 2

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 from datasets import ResumableBatchSampler, open_video_dataset
 from models import build_models, count_parameters, level_labels, model_config
 from trainer import Trainer, int_list
-from utils import encode_video, pick_device
+from utils import OneLineArgumentParser, describe_os_error, encode_video, pick_device
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic UCF-101-shaped trees (for the data benchmark and the tests)
@@ -497,7 +497,7 @@ def run_speed(args) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_make_videos_parser(subparsers)
     add_data_parser(subparsers)
@@ -508,6 +508,9 @@ def main(argv=None):
         return args.func(args)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1)
+    except OSError as err:  # a full or read-only disk
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
         raise SystemExit(1)
 
 

@@ -95,6 +95,10 @@ def to_unit_range(frames_uint8) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+MOVING_MNIST_FRAMES, MOVING_MNIST_SIZE = 20, 64  # mnist_test_seq.npy: 20-frame 64x64 sequences
+MOVING_MNIST_LAYOUT = f"(frames, videos, {MOVING_MNIST_SIZE}, {MOVING_MNIST_SIZE}) like (20, 10000, 64, 64)"
+
+
 class MovingMNIST(Dataset):
     """Clips of ``mnist_test_seq.npy``, uint8 ``(20, 10000, 64, 64)``: a random ``n_frames`` window.
 
@@ -105,15 +109,20 @@ class MovingMNIST(Dataset):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: Moving MNIST file not found (expected mnist_test_seq.npy)")
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":  # np.load would call any other file "pickled data"
+            raise ValueError(f"{path}: not a readable .npy array (no NumPy header); expected mnist_test_seq.npy, "
+                             f"uint8 {MOVING_MNIST_LAYOUT}")
         try:
             data = np.load(path, mmap_mode="r")
         except Exception as err:  # noqa: BLE001 - report any unreadable file the same way
             raise ValueError(f"{path}: not a readable .npy array ({err})") from None
-        if data.ndim != 4 or data.dtype != np.uint8:
-            raise ValueError(
-                f"{path}: expected a uint8 array (frames, videos, height, width) like (20, 10000, 64, 64), "
-                f"got {data.dtype} {tuple(data.shape)}"
-            )
+        if data.ndim != 4 or data.dtype != np.uint8 or data.shape[2:] != (MOVING_MNIST_SIZE,) * 2:
+            raise ValueError(f"{path}: expected a uint8 array {MOVING_MNIST_LAYOUT}, "
+                             f"got {data.dtype} {tuple(data.shape)}")
+        if data.shape[1] == 0:
+            raise ValueError(f"{path}: holds 0 videos (shape {tuple(data.shape)}); expected uint8 {MOVING_MNIST_LAYOUT}")
         if data.shape[0] < n_frames:
             raise ValueError(f"{path}: videos have {data.shape[0]} frames, fewer than --n-frames {n_frames}")
         self.path, self.data, self.n_frames = path, data, n_frames
@@ -251,6 +260,10 @@ def open_moving_mnist(data: str, n_frames: int, default_path="data/mnist_test_se
     ``auto``: ``default_path`` if present, else try downloading it, else procedural digits with a
     warning.  An explicit ``PATH`` that is missing or malformed raises; it never falls back.
     """
+    if data in ("synthetic", "auto") and n_frames > MOVING_MNIST_FRAMES:
+        # The procedural digits stand in for the real set, so they are held to its sequence length.
+        raise ValueError(f"--n-frames {n_frames}: Moving MNIST sequences have {MOVING_MNIST_FRAMES} frames; "
+                         f"expected at most {MOVING_MNIST_FRAMES}")
     if data == "synthetic":
         return MovingDigits(n_frames)
     if data != "auto":

@@ -37,14 +37,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from datasets import to_unit_range
-from utils import generator_from_checkpoint, pick_device
+from utils import InputError, OneLineArgumentParser, describe_os_error, generator_from_checkpoint, pick_device
 
 Stats = Tuple[np.ndarray, np.ndarray]  # (mu (D,), sigma (D, D))
 Batch = Union[torch.Tensor, List[torch.Tensor]]
-
-
-class InputError(ValueError):
-    """A missing or malformed input file or flag; the CLI prints it as one line, no traceback."""
 
 
 def _first_line(err: BaseException) -> str:
@@ -71,7 +67,8 @@ def split_inception_scores(probs: np.ndarray, splits: int = 1) -> np.ndarray:
     scores = []
     for i in range(splits):
         part = probs[i * n // splits : (i + 1) * n // splits]
-        marginal = part.mean(axis=0, keepdims=True)
+        # a denormal probability divided by N can underflow to 0 (KL = inf): floor at the smallest normal float
+        marginal = np.maximum(part.mean(axis=0, keepdims=True), np.finfo(np.float64).tiny)
         # rel_entr is p * log(p / q) with 0 for p = 0: exact for one-hot rows, no eps needed
         kl = scipy.special.rel_entr(part, marginal).sum(axis=1).mean()
         scores.append(math.exp(kl))
@@ -129,7 +126,26 @@ def _open_npz(path, what: str):
         raise InputError(f"{path}: not a readable .npz file ({_first_line(err)})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise InputError(f"{path}: a single .npy array, expected an .npz archive ({what})")
-    return data
+    return _NpzArrays(data, path)
+
+
+class _NpzArrays:
+    """An open ``.npz`` whose arrays are read with a one-line :class:`InputError` for object (pickled) arrays."""
+
+    def __init__(self, npz, path):
+        self.npz, self.path, self.files = npz, path, npz.files
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        try:
+            return self.npz[key]
+        except ValueError as err:  # object arrays need allow_pickle, which would let a file run code
+            raise InputError(f"{self.path}: key {key!r} is not a plain numeric array ({_first_line(err)})") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.npz.close()
 
 
 def save_statistics(path, mu: np.ndarray, sigma: np.ndarray, **meta) -> Path:
@@ -776,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-real", type=_positive_int, default=None,
                        help="use a random subset of this many real videos (default all)")
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         description="Inception Score / FID (C3D, UCF-101) and FVD (I3D) of a TGANv2 checkpoint or a folder of videos.",
         epilog="Errors about missing or malformed files are printed as one line with exit status 1.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{is,fid,fvd}")
@@ -865,6 +881,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = run(args)
     except InputError as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full or read-only disk while caching statistics
+        print(f"evaluate.py: error: {describe_os_error(err)}", file=sys.stderr)
         return 1
     print(json.dumps(result) if args.json else format_result(result))
     return 0

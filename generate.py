@@ -17,13 +17,14 @@ import numpy as np
 import torch
 
 from evaluate import InputError, generated_batches, load_generator, sample_classes
-from utils import make_grid, pick_device, to_uint8, write_video
+from utils import (OneLineArgumentParser, describe_os_error, make_grid, pick_device, prepare_output_folder,
+                   to_uint8, write_video)
 
 FORMATS = ("gif", "mp4", "png", "npy")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         description="Write videos sampled from a TGANv2 generator checkpoint, one file each plus a grid.",
         epilog="Errors (missing checkpoint, bad values) are printed as one line with exit status 1.")
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="training checkpoint (checkpoint.pt)")
@@ -110,12 +111,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise InputError(f"--level {args.level}: the generator has levels 1..{gen.n_levels}")
         classes = ckpt.get("config", {}).get("classes")
         class_id = resolve_class(args.class_, classes)
+        out = prepare_output_folder(args.out)
+        written = write_samples(args, gen, class_id, classes, out)
     except InputError as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # the disk filled up or went read-only while writing
+        print(f"generate.py: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
+    print(f"wrote {written} to {out} (iteration {ckpt.get('iteration', '?')} of {args.checkpoint})")
+    return 0
+
+
+def write_samples(args: argparse.Namespace, gen: torch.nn.Module, class_id: Optional[int],
+                  classes: Optional[Sequence[str]], out: Path) -> str:
+    """Write the videos and the grid ``args`` asks for into ``out``; returns what was written, in words."""
     n_frames = args.frames or gen.cfg.n_frames
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     grid_videos = []
     index = 0
     for videos in sample(gen, args.n, n_frames, args.level, args.seed, args.batch_size, class_id):
@@ -131,8 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         nrow = args.nrow or math.ceil(math.sqrt(len(grid)))
         save_one(make_grid(grid, nrow), out / f"grid.{args.format}", args.fps)
         written += f" and grid.{args.format}"
-    print(f"wrote {written} to {out} (iteration {ckpt.get('iteration', '?')} of {args.checkpoint})")
-    return 0
+    return written
 
 
 if __name__ == "__main__":

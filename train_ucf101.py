@@ -95,7 +95,7 @@ def open_dataset(args):
 
 def prepare(argv=None) -> dict:
     """``train_ucf101.py prepare``: decode the videos once into a frame cache (resumable)."""
-    parser = argparse.ArgumentParser(
+    parser = trainer.OneLineArgumentParser(
         prog="train_ucf101.py prepare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Decode every video of --data once, resized for --resolution, into --cache DIR "
                     "(DIR/frames.u8, memory-mapped uint8 frames, and DIR/index.json). Interrupted runs resume "

@@ -8,8 +8,10 @@ import argparse
 import copy
 import json
 import math
+import os
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,9 +24,11 @@ from tqdm import tqdm
 from datasets import ResumableBatchSampler, real_pyramid, to_unit_range
 from models import (PRESETS, ModelConfig, build_models, convert_sync_batchnorm, count_parameters, level_labels,
                     load_weights, model_config)
-from utils import (all_reduce_mean_, append_jsonl, average_gradients, broadcast_module, discriminator_loss,
-                   generator_loss, get_rng_state, init_distributed, load_checkpoint, previous_checkpoint_path,
-                   r1_penalty, resolve_amp, save_checkpoint, seed_everything, set_rng_state, write_json)
+from utils import (CheckpointError, InputError, OneLineArgumentParser, all_reduce_mean_, append_jsonl,
+                   average_gradients, broadcast_module, describe_os_error, discriminator_loss, generator_loss,
+                   get_rng_state, init_distributed, last_good_checkpoint, load_checkpoint, nonfinite_entries,
+                   prepare_output_folder, previous_checkpoint_path, r1_penalty, resolve_amp, save_checkpoint,
+                   seed_everything, set_rng_state, temporary_checkpoint_path, write_json)
 
 # Flags that define the experiment: on --resume they come from the checkpoint, not the command line.
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
@@ -63,6 +67,34 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def adam_beta(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return value
+
+
 # Defaults every script shares: the paper's optimisation (docs/METHOD.md, 'Training step') and run-time settings.
 # The scripts set the rest (preset, data, iterations, batch, strides, schedule, intervals).
 SHARED_DEFAULTS = dict(n_frames=16, gp_weight=0.5, recipe="tuned", log_every=10, seed=0, device="auto",
@@ -83,7 +115,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     """The flags both train scripts share, with the script's ``defaults`` applied."""
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p = OneLineArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="network sizes (table in docs/METHOD.md, 'Presets')")
     p.add_argument("--data", help="where the training videos come from (see the script's description)")
     p.add_argument("--out", help="run folder: config.json, metrics.jsonl, samples/, checkpoint.pt")
@@ -93,17 +125,18 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="training recipe: 'paper' is the authors' exactly (fp32, no EMA); 'tuned' is this project's "
                         "default, measured to learn faster per unit of compute; the flags marked 'recipe' override it")
-    p.add_argument("--lr-g", type=float, help="Adam learning rate of the generator (recipe)")
-    p.add_argument("--lr-d", type=float, help="Adam learning rate of the discriminators (recipe)")
-    p.add_argument("--beta1", type=float, help="Adam beta1 for both networks (recipe)")
-    p.add_argument("--beta2", type=float, help="Adam beta2 for both networks (recipe)")
+    p.add_argument("--lr-g", type=positive_float, help="Adam learning rate of the generator (recipe)")
+    p.add_argument("--lr-d", type=positive_float, help="Adam learning rate of the discriminators (recipe)")
+    p.add_argument("--beta1", type=adam_beta, help="Adam beta1 for both networks (recipe)")
+    p.add_argument("--beta2", type=adam_beta, help="Adam beta2 for both networks (recipe)")
     p.add_argument("--ema-decay", type=float,
                    help="exponential moving average of G's weights for samples, snapshots and evaluation; "
                         "0 = off (recipe)")
     p.add_argument("--r1-every", type=positive_int,
                    help="lazy R1: compute the penalty every N iterations, weighted by N (recipe)")
     p.add_argument("--lstm-forget-bias", type=float, help="initial bias of the ConvLSTM's forget gate (recipe)")
-    p.add_argument("--gp-weight", type=float, help="weight of the zero-centred R1 penalty on real data (lambda)")
+    p.add_argument("--gp-weight", type=non_negative_float,
+                   help="weight of the zero-centred R1 penalty on real data (lambda)")
     p.add_argument("--lr-decay-start", type=int,
                    help="iteration from which both learning rates decay linearly to 0 at --iterations; -1 = constant")
     p.add_argument("--subsample-frames", type=int_list,
@@ -124,12 +157,12 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=["auto", "none", "bf16"],
                    help="bf16 autocast for the networks (losses and R1 stay fp32); auto = bf16 on GPUs that support "
                         "it and on CPUs with AVX512-BF16/AMX, else none (recipe)")
-    p.add_argument("--workers", type=int, help="DataLoader worker processes (0 = load in the main process)")
+    p.add_argument("--workers", type=non_negative_int, help="DataLoader worker processes (0 = load in the main process)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile G and the fake-data pass of D (R1's double backward stays eager)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="channels-last memory layout for the 2-D generator and the 3-D discriminators")
-    p.add_argument("--eval-every", type=int,
+    p.add_argument("--eval-every", type=non_negative_int,
                    help="every N iterations add IS (with --c3d-weights/--c3d-mean) and FVD (with --i3d/--i3d-stats) "
                         "to metrics.jsonl; 0 = never")
     p.add_argument("--eval-samples", type=positive_int, help="generated videos per evaluation (the protocol: 2048)")
@@ -299,30 +332,74 @@ class Trainer:
         return {"generator": self.sampler.state_dict(), "ema": self.gen_ema is not None}
 
 
-class StopRequest:
-    """Turns SIGTERM/SIGINT into a flag so the loop can finish its step, checkpoint and exit 0."""
+def any_rank(flag: bool, world_size: int, device) -> bool:
+    """Whether ``flag`` is true on any process (a collective call when ``world_size > 1``)."""
+    if world_size == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    all_reduce_mean_([value])
+    return bool(value.item() > 0)
 
-    def __init__(self):
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT into a flag so the loop can finish its step, checkpoint and exit 0.
+
+    Python runs signal handlers only between bytecodes, so a long torch op would delay them for
+    minutes.  A watcher thread therefore reads every signal from the interpreter's wakeup fd as it
+    arrives: a second one, ``REPEAT_AFTER_S`` or more after the first, ends the process at once
+    (exit 128 + signal number).  Saves are atomic, so that never leaves a partial checkpoint.
+    Closer repeats are the same request delivered twice (a terminal's Ctrl-C reaches torchrun and
+    its workers, and torchrun forwards it again), not a second request.
+    """
+
+    REPEAT_AFTER_S = 1.0
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, on_second: str = "the last checkpoint written is intact; continue with --resume"):
         self.signal_name: Optional[str] = None
+        self.on_second = on_second
 
     def __enter__(self):
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self._read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        self._write_fd = write_fd
+        self._old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, name="stop-request", daemon=True).start()
         return self
 
     def _handle(self, signum, frame):
-        if self.signal_name is not None:  # a second signal: stop at once
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+
+    def _watch(self) -> None:
+        first = None
+        while True:
+            try:
+                data = os.read(self._read_fd, 64)
+            except OSError:
+                return
+            if not data:  # the context was left
+                return
+            for signum in data:
+                if signum not in self.SIGNALS:
+                    continue
+                now = time.monotonic()
+                if first is None:
+                    first = now
+                elif now - first >= self.REPEAT_AFTER_S:
+                    name = signal.Signals(signum).name
+                    os.write(2, f"\n{name} again: stopping at once, without a new checkpoint; {self.on_second}\n"
+                             .encode())
+                    os._exit(128 + signum)
 
     def agreed(self, world_size: int, device) -> bool:
         """Whether any process was signalled (a collective call when ``world_size > 1``)."""
-        if world_size == 1:
-            return self.signal_name is not None
-        flag = torch.tensor([float(self.signal_name is not None)], device=device)
-        all_reduce_mean_([flag])
-        return bool(flag.item() > 0)
+        return any_rank(self.signal_name is not None, world_size, device)
 
     def __exit__(self, *exc):
+        signal.set_wakeup_fd(self._old_wakeup)
+        os.close(self._write_fd)  # the watcher reads end-of-file and returns
         for s, handler in self._old.items():
             signal.signal(s, handler)
 
@@ -339,9 +416,14 @@ def resolve_resume(args) -> Optional[dict]:
     if args.resume is None:
         return None
     path = Path(args.out) / "checkpoint.pt" if args.resume == "auto" else Path(args.resume)
-    if not path.exists() and not previous_checkpoint_path(path).exists():
+    if path.is_dir():
+        raise InputError(f"--resume {path}: a folder; expected a checkpoint file such as {path / 'checkpoint.pt'}")
+    if not any(p.exists() for p in (path, previous_checkpoint_path(path), temporary_checkpoint_path(path))):
         raise FileNotFoundError(f"--resume: checkpoint {path} not found")
-    ckpt = load_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path, repair=True)  # never resumes from a non-finite or unreadable file
+    except CheckpointError as err:
+        raise CheckpointError(f"--resume: {err}") from None
     saved = ckpt["config"]
     if bool(saved.get("conditional")) != bool(getattr(args, "conditional", False)):
         held = (f"a conditional model ({saved['model']['n_classes']} classes)" if saved.get("conditional")
@@ -353,6 +435,17 @@ def resolve_resume(args) -> Optional[dict]:
             print(f"--resume: using {key}={saved[key]!r} from the checkpoint", file=sys.stderr)
             setattr(args, key, saved[key])
     return ckpt
+
+
+def check_clip_geometry(args) -> None:
+    """Every level must keep at least one frame and one clip: ``--n-frames`` >= the product of
+    ``--subsample-frames`` and ``--batch-size`` >= the product of ``--subsample-batch``."""
+    for flag, value, strides_flag, strides in (("--n-frames", args.n_frames, "--subsample-frames", args.subsample_frames),
+                                               ("--batch-size", args.batch_size, "--subsample-batch", args.subsample_batch)):
+        needed = math.prod(strides)
+        if value < needed:
+            raise InputError(f"{flag} {value}: {strides_flag} {','.join(map(str, strides))} leaves "
+                             f"{value // needed} at the last level; expected at least {needed}")
 
 
 def load_eval_models(args, device):
@@ -465,8 +558,13 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: O
 
     def save(iteration: int) -> None:
         rng = gather_rng_states(world_size)  # collective: every rank takes part
+        state = trainer.state_dict()
+        bad = nonfinite_entries(state)  # on every rank, so that all of them stop together
+        if any_rank(bool(bad), world_size, device):
+            found = f"values in {', '.join(bad)}" if bad else "values on another rank"
+            raise TrainingDiverged(f"non-finite {found} at iteration {iteration}; stopped without saving. "
+                                   + (last_good_checkpoint(out / "checkpoint.pt") if is_main else ""))
         if is_main:
-            state = trainer.state_dict()
             state.update(iteration=iteration, config=config, rng=rng)
             save_checkpoint(state, out / "checkpoint.pt")
 
@@ -508,7 +606,7 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: O
         if not all(math.isfinite(v) for v in values.values()):
             raise TrainingDiverged(
                 f"non-finite loss at iteration {iteration} ({', '.join(f'{k}={v}' for k, v in values.items())}); "
-                f"stopped without saving. The last good checkpoint is {out / 'checkpoint.pt'}"
+                "stopped without saving. " + (last_good_checkpoint(out / "checkpoint.pt") if is_main else "")
             )
         now = time.perf_counter()
         record = {"iteration": iteration, **values, "lr_g": trainer.opt_g.param_groups[0]["lr"],
@@ -528,7 +626,7 @@ def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: O
     data_iter = iter(loader)
     iteration = start
     t_start, sampled_at, eta_said = time.perf_counter(), None, False
-    with StopRequest() as stop:
+    with StopRequest(f"{out / 'checkpoint.pt'} is intact; continue with --resume") as stop:
         while iteration < args.iterations:
             batch = next(data_iter)
             x_real, labels = (batch[0], batch[1].to(device, non_blocking=True)) if conditional else (batch, None)
@@ -585,9 +683,15 @@ def main(description: str, defaults: Dict, open_dataset: Callable, gen_samples: 
     args = parser.parse_args(argv)
     apply_recipe(args)
     try:
+        prepare_output_folder(args.out)
         ckpt = resolve_resume(args)  # first: the checkpoint's settings decide how the data is opened
+        check_clip_geometry(args)
         dataset, describe = open_dataset(args)
         return train(args, dataset, gen_samples, describe, ckpt, quick_start)
-    except (FileNotFoundError, ValueError, TrainingDiverged) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, TrainingDiverged, CheckpointError) as err:
+        tqdm.write(f"error: {err}", file=sys.stderr)  # on its own line, below the progress bar
+        raise SystemExit(1)
+    except OSError as err:  # the disk filled up or went read-only mid-run
+        tqdm.write(f"error: {describe_os_error(err)}; {last_good_checkpoint(Path(args.out) / 'checkpoint.pt')}",
+                   file=sys.stderr)
         raise SystemExit(1)

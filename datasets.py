@@ -242,16 +242,22 @@ class MovingDigits(Dataset):
         return self.length
 
     def __getitem__(self, key: Key) -> torch.Tensor:
+        return self.clip(key)[0]
+
+    def clip(self, key: Key) -> Tuple[torch.Tensor, np.ndarray]:
+        """The video uint8 ``(1, n_frames, size, size)`` of ``key`` and its digits int64 ``(n_digits,)``."""
         _, rng = split_key(key)
         video = np.zeros((self.n_frames, self.size, self.size), np.float32)
         glyph_size = 28
-        for _ in range(self.n_digits):
-            glyph = render_digit(int(rng.integers(10)), rng, glyph_size)
+        digits = np.empty(self.n_digits, np.int64)
+        for i in range(self.n_digits):
+            digits[i] = int(rng.integers(10))
+            glyph = render_digit(int(digits[i]), rng, glyph_size)
             path = np.round(bounce_trajectory(rng, self.n_frames, self.size - glyph_size)).astype(int)
             for t, (x, y) in enumerate(path):
                 window = video[t, y : y + glyph_size, x : x + glyph_size]
                 np.maximum(window, glyph, out=window)  # overlapping digits: max, as the original
-        return torch.from_numpy(np.round(video * 255).astype(np.uint8))[None]
+        return torch.from_numpy(np.round(video * 255).astype(np.uint8))[None], digits
 
 
 def open_moving_mnist(data: str, n_frames: int, default_path="data/mnist_test_seq.npy"):

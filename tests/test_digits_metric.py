@@ -1,0 +1,244 @@
+"""evaluate.py digits: the moving-digit classifier, its cache, the scores, the controls, the hook and the CLI."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+from datasets import MovingDigits
+from evaluate import (DigitClassifierSettings, clip_motion, digit_centres, digit_controls, digit_metrics_for_generator,
+                      frame_digit_sets, load_digit_classifier, procedural_clips, real_digit_summary, sampling_mode,
+                      true_digit_sets)
+from models import Generator, model_config
+from utils import save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+# a few seconds of training: enough for the controls' ordering, not for a useful classifier
+TINY = DigitClassifierSettings(n_clips=240, frames_per_clip=4, epochs=3, n_test_clips=8)
+SCORES = {"digit_score", "identity_consistency", "frechet_distance", "motion", "motion_ratio", "diversity",
+          "diversity_ratio", "real_digit_score", "real_identity_consistency", "real_motion", "real_diversity"}
+
+
+@pytest.fixture(scope="module")
+def classifier_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("classifier") / "digits.pt"
+    load_digit_classifier(path, TINY, "cpu", progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def classifier(classifier_path):
+    return load_digit_classifier(classifier_path, TINY, "cpu", progress=False)
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch, classifier_path):
+    """The CLI with the tiny training settings and the module's cached classifier."""
+    monkeypatch.setattr(evaluate, "DIGIT_CLASSIFIER_SETTINGS", TINY)
+    return ["--classifier", str(classifier_path), "--n-real", "12", "--frames", "8", "--quiet", "--device", "cpu"]
+
+
+def test_clip_gives_the_same_video_as_before_and_its_digits():
+    ds = MovingDigits(n_frames=16)
+    videos = torch.stack([ds[(i, 1000 + i)] for i in range(20)])
+    # sha256 of these 20 clips as written by MovingDigits.__getitem__ before clip() existed
+    assert hashlib.sha256(videos.numpy().tobytes()).hexdigest() == \
+        "1cf932009afa7372703c00686666d9f1c5a189eeec855478d68ff474de1d01c5"
+    video, digits = ds.clip((3, 1003))
+    assert torch.equal(video, videos[3])
+    assert digits.shape == (2,) and digits.dtype == np.int64 and ((0 <= digits) & (digits <= 9)).all()
+    # the digits are the first draw of each digit's stream: a clip with one digit shows the first one alone
+    single = MovingDigits(n_frames=16, n_digits=1)
+    one_video, one_digit = single.clip((3, 1003))
+    assert one_digit[0] == digits[0] and (one_video <= video).all()
+
+
+def test_frame_sets_take_the_runner_up_only_when_it_is_present():
+    presence = np.full((3, 10), 0.01)
+    presence[0, [2, 7]] = [0.9, 0.8]  # two digits
+    presence[1, 4] = 0.95  # the same digit twice: one
+    presence[1, 5] = 0.3
+    presence[2, [1, 3]] = [0.2, 0.1]  # unsure: still the top digit
+    assert frame_digit_sets(presence).tolist() == [(1 << 2) | (1 << 7), 1 << 4, 1 << 1]
+    assert true_digit_sets(np.array([[2, 7], [4, 4]])).tolist() == [(1 << 2) | (1 << 7), 1 << 4]
+
+
+def test_digit_centres_find_two_blobs_and_motion_pairs_them():
+    frames = torch.full((3, 64, 64), -1.0)
+    frames[0, 10:14, 20:24] = 1  # centre (22, 12)
+    frames[0, 40:44, 50:54] = 1  # centre (52, 42)
+    frames[1] = frames[0].roll((2, 3), dims=(0, 1))  # both move by (3, 2)
+    centres = digit_centres(frames)
+    found = sorted(centres[0].tolist())
+    np.testing.assert_allclose(found, [[22, 12], [52, 42]], atol=0.6)
+    assert torch.equal(centres[2], torch.tensor([[32.0, 32.0], [32.0, 32.0]]))  # empty frame: the centre
+    clip = frames[None, None, :2]
+    assert clip_motion(clip).item() == pytest.approx(np.hypot(3, 2), abs=0.6)
+    assert clip_motion(clip.flip(2)).item() == pytest.approx(np.hypot(3, 2), abs=0.6)
+    assert clip_motion(frames[None, None, :1].expand(1, 1, 5, 64, 64)).item() == 0.0
+
+
+def test_real_procedural_digits_move_about_3_5_pixels_per_frame():
+    videos = evaluate.to_unit_range(procedural_clips(16, 16, 7)[0])
+    motion = clip_motion(videos)
+    assert 3.0 < motion.mean().item() < 3.7  # 3.6 px per digit, less at bounces and overlaps
+
+
+def test_classifier_cache_is_reused_and_retrained_when_settings_change(tmp_path, monkeypatch):
+    path = tmp_path / "cache" / "digits.pt"
+    tiny = DigitClassifierSettings(n_clips=16, frames_per_clip=2, epochs=1, n_test_clips=2)
+    first = load_digit_classifier(path, tiny, "cpu", progress=False)
+    saved = torch.load(path, weights_only=True)
+    assert saved["format"] == evaluate.DIGIT_CLASSIFIER_FORMAT and saved["settings"]["n_clips"] == 16
+    assert 0.0 <= saved["info"]["accuracy"] <= 1.0 and saved["info"]["train_seconds"] > 0
+    written = path.stat().st_mtime_ns
+    assert load_digit_classifier(path, tiny, "cpu", progress=False) is first  # same process: kept in memory
+
+    evaluate._DIGIT_CLASSIFIERS.clear()  # a new process: read from the file, never trained
+    trained = []
+    real_train = evaluate.train_digit_classifier
+    monkeypatch.setattr(evaluate, "train_digit_classifier", lambda *a, **k: trained.append(a) or real_train(*a, **k))
+    again = load_digit_classifier(path, tiny, "cpu", progress=False)
+    assert trained == [] and path.stat().st_mtime_ns == written
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name])
+    assert again.info == first.info and not again.training
+
+    changed = DigitClassifierSettings(n_clips=16, frames_per_clip=2, epochs=2, n_test_clips=2)
+    load_digit_classifier(path, changed, "cpu", progress=False)
+    assert len(trained) == 1 and torch.load(path, weights_only=True)["settings"]["epochs"] == 2
+
+    evaluate._DIGIT_CLASSIFIERS.clear()
+    path.write_bytes(b"truncated")  # an unreadable cache is replaced
+    load_digit_classifier(path, changed, "cpu", progress=False)
+    assert len(trained) == 2 and torch.load(path, weights_only=True)["settings"]["epochs"] == 2
+
+
+def test_training_is_deterministic_and_leaves_the_global_rng_alone():
+    tiny = DigitClassifierSettings(n_clips=8, frames_per_clip=2, epochs=1, n_test_clips=2)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = evaluate.train_digit_classifier(tiny, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = evaluate.train_digit_classifier(tiny, progress=False)
+    for name, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[name])
+
+
+def test_controls_score_worse_than_held_out_real(classifier):
+    real = real_digit_summary(classifier, n_real=48, n_frames=8)
+    rows = digit_controls(classifier, real, n_clips=48, n_frames=8)
+    held_out = rows["held-out real"]
+    assert 0.85 < held_out["motion_ratio"] < 1.15 and 0.85 < held_out["diversity_ratio"] < 1.15
+    assert rows["frozen"]["motion"] == 0.0 and rows["frozen"]["identity_consistency"] == 1.0
+    assert rows["shuffled"]["motion_ratio"] > 2.0
+    assert rows["blurred"]["frechet_distance"] > 3 * held_out["frechet_distance"]
+    assert rows["noise"]["frechet_distance"] > 10 * held_out["frechet_distance"]
+    assert rows["noise"]["motion_ratio"] > 2.0 and rows["noise"]["diversity_ratio"] < 0.7
+    for row in rows.values():
+        assert set(row) == SCORES - {k for k in SCORES if k.startswith("real_")}
+        assert all(np.isfinite(v) for v in row.values())
+
+
+@pytest.fixture(scope="module")
+def generator():
+    torch.manual_seed(0)
+    return Generator(model_config("movingmnist"))
+
+
+def test_sampling_mode_uses_batch_statistics_and_restores_everything(generator):
+    generator.train()
+    before = {k: v.clone() for k, v in generator.state_dict().items()}
+    z = generator.sample_z(3, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with sampling_mode(generator, "eval"):
+            assert not any(m.training for m in generator.modules())
+            running = generator.generate(z, n_frames=2)
+        with sampling_mode(generator, "train"):
+            batch = generator.generate(z, n_frames=2)
+    assert not torch.allclose(running, batch)
+    assert all(m.training for m in generator.modules())
+    for name, value in generator.state_dict().items():
+        assert torch.equal(value, before[name]), f"{name} changed"
+    with pytest.raises(ValueError, match="bn_mode"):
+        with sampling_mode(generator, "batch"):
+            pass
+
+
+def test_hook_returns_floats_and_scores_the_real_clips_once(generator, classifier_path, monkeypatch):
+    kwargs = dict(n_samples=3, n_frames=4, seed=5, batch_size=2, n_real=6, classifier_path=classifier_path,
+                  settings=TINY)
+    generator.train()
+    first = digit_metrics_for_generator(generator, **kwargs)
+    assert set(first) == SCORES and all(isinstance(v, float) and np.isfinite(v) for v in first.values())
+    assert generator.training
+    monkeypatch.setattr(evaluate, "real_digit_batches", lambda *a, **k: pytest.fail("real clips scored again"))
+    monkeypatch.setattr(evaluate, "train_digit_classifier", lambda *a, **k: pytest.fail("classifier retrained"))
+    again = digit_metrics_for_generator(generator, **kwargs)
+    assert again == pytest.approx(first)  # the same latents every call
+    train_bn = digit_metrics_for_generator(generator, **kwargs, bn_mode="train")
+    assert train_bn["frechet_distance"] != pytest.approx(first["frechet_distance"])
+
+
+def test_cli_json_on_an_npy_file(tmp_path, tiny_cli, capsys):
+    clips = procedural_clips(5, 10, 99)[0][:, 0]  # uint8 (N, T, H, W)
+    path = tmp_path / "clips.npy"
+    np.save(path, clips)
+    assert evaluate.main(["digits", "--npy", str(path), "--json", *tiny_cli]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert SCORES <= set(result) and result["n_samples"] == 5 and result["n_real"] == 12
+    assert result["source"] == str(path) and 0 <= result["classifier_accuracy"] <= 1
+    assert 0.7 < result["motion_ratio"] < 1.3  # real clips against real clips
+    float_path = tmp_path / "clips_float.npy"  # float clips in [-1, 1], with a channel axis
+    np.save(float_path, (clips[:, None].astype(np.float32) / 127.5 - 1))
+    assert evaluate.main(["digits", "--npy", str(float_path), "--json", "--n-samples", "4", *tiny_cli]) == 0
+    as_float = json.loads(capsys.readouterr().out)
+    assert as_float["n_samples"] == 4 and np.isfinite(as_float["frechet_distance"])
+
+
+def test_cli_on_a_checkpoint_uses_the_ema_weights_when_present(tmp_path, generator, tiny_cli, capsys):
+    ckpt = tmp_path / "checkpoint.pt"
+    raw = generator.state_dict()
+    ema = {k: v + 0.05 if v.is_floating_point() else v for k, v in raw.items()}
+    save_checkpoint({"generator": raw, "generator_ema": ema, "config": {"model": generator.cfg.to_dict()},
+                     "iteration": 2}, ckpt)
+    argv = ["digits", "--checkpoint", str(ckpt), "--n-samples", "3", "--batch-size", "3", "--json", *tiny_cli]
+    assert evaluate.main(argv) == 0
+    with_ema = json.loads(capsys.readouterr().out)
+    assert with_ema["weights"] == "generator_ema" and with_ema["iteration"] == 2 and SCORES <= set(with_ema)
+    assert evaluate.main(argv + ["--no-ema", "--bn-mode", "train"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["weights"] == "generator" and plain["bn_mode"] == "train"
+    assert plain["frechet_distance"] != pytest.approx(with_ema["frechet_distance"])
+    save_checkpoint({"generator": raw, "config": {"model": generator.cfg.to_dict()}, "iteration": 2}, ckpt)
+    assert evaluate.main(argv[:-1 - len(tiny_cli)] + tiny_cli) == 0  # no EMA copy: the raw weights; text output
+    text = capsys.readouterr().out
+    assert "(iteration 2, generator, BatchNorm eval)" in text and "frechet_distance" in text
+
+
+def test_cli_controls_print_a_markdown_table(tiny_cli, capsys):
+    assert evaluate.main(["digits", "--controls", *tiny_cli]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("| clips | digit_score | identity_consistency | frechet_distance | motion |")
+    assert [line.split(" | ")[0] for line in lines[3:]] == [
+        "| real (reference)", "| held-out real", "| blurred", "| frozen", "| shuffled", "| noise"]
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((2, 3), np.uint8))
+    for argv, message in (([], "give --checkpoint CKPT, --videos DIR or --npy FILE"),
+                          (["--npy", str(bad)], "bad.npy: expected a uint8 or float array"),
+                          (["--npy", str(tmp_path / "absent.npy")], "absent.npy: no such .npy file"),
+                          (["--controls", "--npy", str(bad)], "--controls scores held-out real clips")):
+        proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "digits", *argv, "--device", "cpu"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+        assert message in proc.stderr

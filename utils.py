@@ -8,12 +8,14 @@ import math
 import os
 import pickle
 import shutil
+import struct
+import sys
 from collections import defaultdict
 from fractions import Fraction
 import random
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -28,6 +30,66 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def report_error(prog: str, error: Union[BaseException, str]) -> int:
+    """Print bad input as the scripts' one line, ``PROG: error: MESSAGE``, and return the exit status 1.
+
+    An ``OSError`` from the system (a full or read-only disk) names its file and the reason.  The
+    line goes through tqdm so that it lands below a progress bar, not inside it.
+    """
+    from tqdm import tqdm
+
+    message = describe_os_error(error) if isinstance(error, OSError) and error.strerror else str(error)
+    tqdm.write(f"{prog}: error: {message}", file=sys.stderr)
+    return 1
+
+
+# argparse types: a bad value is a one-line usage error naming the flag ---------------------------
+
+
+def int_list(text: str) -> List[int]:
+    """``"2,2,2"`` -> ``[2, 2, 2]``."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,2,2, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A number in ``[0, 1)``: Adam's betas, an EMA decay."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,9 +331,11 @@ def nonfinite_entries(state, limit: int = 3) -> List[str]:
     return [name for name, t in named if not bool(torch.isfinite(t).all())][:limit]
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when empty), for one-line errors."""
+    # KeyError's str() adds quotes and state-dict errors span many lines
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -342,7 +406,7 @@ class _RecordingWriter:
 
 def os_error_reason(err: OSError) -> str:
     """What an OSError means for the user: ``the disk is full (No space left on device)``, ..."""
-    plain = err.strerror or _first_line(err)
+    plain = err.strerror or first_line(err)
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"the disk is full ({plain})"
     if err.errno == errno.EROFS:
@@ -442,10 +506,10 @@ def _read_verified(path: Path, map_location):
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()
-        reason = detail[0].split(". ")[0] if detail and "WeightsUnpickler error:" in str(err) else _first_line(err)
+        reason = detail[0].split(". ")[0] if detail and "WeightsUnpickler error:" in str(err) else first_line(err)
         return None, f"not a plain-tensor checkpoint, refused by torch.load(weights_only=True) ({reason})"
     except Exception as err:  # noqa: BLE001 - a truncated or corrupt file can fail in many ways
-        return None, f"unreadable ({type(err).__name__}: {_first_line(err)})"
+        return None, f"unreadable ({type(err).__name__}: {first_line(err)})"
     if not isinstance(state, dict):
         return None, f"not a checkpoint (holds a {type(state).__name__}, expected a dict)"
     bad = nonfinite_entries(state)
@@ -501,21 +565,6 @@ def last_good_checkpoint(path) -> str:
         if state is not None:
             return f"The last good checkpoint is {candidate} (iteration {state.get('iteration')})."
     return f"There is no good checkpoint in {path.parent} yet."
-
-
-def generator_from_checkpoint(path, device="cpu"):
-    """Rebuild the generator stored in a training checkpoint, in eval mode.
-
-    Returns ``(generator, checkpoint_dict)``.
-    """
-    from models import Generator, ModelConfig, load_weights
-
-    ckpt = load_checkpoint(path, map_location=device)
-    if "generator" not in ckpt or "config" not in ckpt:
-        raise KeyError(f"{path}: not a TGANv2 training checkpoint (no 'generator'/'config' entry)")
-    gen = Generator(ModelConfig(**ckpt["config"]["model"])).to(device)
-    load_weights(gen, ckpt["generator"], "generator")
-    return gen.eval(), ckpt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,3 +711,41 @@ def append_jsonl(path, record: dict) -> None:
     """Append one JSON record as a line."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+class TensorBoardLog:
+    """TensorBoard event files in ``folder``: scalars, and sample grids as animated GIF images.
+
+    A GIF is stored as an image summary holding the file's bytes, which TensorBoard's image
+    dashboard shows animated (torch's ``add_video`` would need moviepy's pre-2.0 API for the same).
+    """
+
+    def __init__(self, folder):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(folder))
+
+    def scalars(self, iteration: int, values: Dict[str, float]) -> None:
+        """``values``: TensorBoard tag -> number, e.g. ``{"loss/G": 0.7}``."""
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, iteration)
+
+    def gif(self, tag: str, path, iteration: int) -> None:
+        """The GIF file ``path`` as image ``tag`` at ``iteration``."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        data = Path(path).read_bytes()
+        width, height = struct.unpack("<HH", data[6:10])  # the GIF header's logical screen size
+        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=data)
+        self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), iteration)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def tensorboard_available() -> bool:
+    """Whether the ``tensorboard`` package (which torch's SummaryWriter needs) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None

@@ -13,9 +13,8 @@ import torch
 import evaluate
 from datasets import MovingDigits
 from evaluate import (DigitClassifierSettings, clip_motion, digit_centres, digit_controls, digit_metrics_for_generator,
-                      frame_digit_sets, load_digit_classifier, procedural_clips, real_digit_summary, sampling_mode,
-                      true_digit_sets)
-from models import Generator, model_config
+                      frame_digit_sets, load_digit_classifier, procedural_clips, real_digit_summary, true_digit_sets)
+from models import Generator, model_config, sampling_mode
 from utils import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

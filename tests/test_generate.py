@@ -11,7 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 import generate  # noqa: E402
-from evaluate import find_videos, read_video  # noqa: E402
+from datasets import read_video, video_paths  # noqa: E402
 from models import Generator, model_config  # noqa: E402
 from utils import save_checkpoint  # noqa: E402
 
@@ -79,7 +79,7 @@ def test_png_strips_and_evaluate_reads_the_folder_back(checkpoint, tmp_path):
     assert iio.imread(tmp_path / "grid.png").shape[:2] == (2 * 65 + 1, 4 * (1 * 65 + 1))
     npy_dir = tmp_path / "npy"
     assert run(checkpoint, npy_dir, "--n", "2", "--format", "npy") == 0
-    paths = find_videos(npy_dir)  # the grid is not a sample
+    paths = video_paths(npy_dir)  # the grid is not a sample
     assert [p.name for p in paths] == ["video_0000.npy", "video_0001.npy"]
     assert read_video(paths[0]).shape == (1, 16, 64, 64)
 

@@ -480,9 +480,7 @@ def evaluate_generator(gen: nn.Module, models: EvalModels, n_samples: int = 2048
     extractors = models.extractors()
     runs: Dict[str, list] = defaultdict(list)
     accuracy: Dict[str, object] = {}
-    was_training = gen.training
-    gen.eval()
-    try:
+    with sampling_mode(gen):
         for repeat in range(repeats):
             labels = sample_classes(gen, n_samples, rng)  # conditional: uniformly drawn classes
             batches = generated_batches(gen, n_samples, batch_size, n_frames, level, rng, labels)
@@ -494,8 +492,6 @@ def evaluate_generator(gen: nn.Module, models: EvalModels, n_samples: int = 2048
                 runs["accuracy"].append(class_accuracy(outputs["probs"], labels.numpy(), gen.cfg.n_classes)["accuracy"])
                 if repeat == 0:
                     accuracy = class_accuracy(outputs["probs"], labels.numpy(), gen.cfg.n_classes)
-    finally:
-        gen.train(was_training)
     per_class = {"class_accuracy": accuracy["class_accuracy"]} if accuracy else {}
     return {**summarize(runs), **per_class, "n_samples": n_samples, "repeats": repeats, "splits": splits}
 

@@ -1,4 +1,5 @@
-"""TGANv2 networks: ConvLSTM, the multi-level sparse generator and the 3-D ResNet discriminators.
+"""TGANv2 networks: ConvLSTM, the multi-level sparse generator and the 3-D ResNet discriminators; the
+real-data pyramid the discriminators compare against; loading a trained generator and sampling it.
 
 Tensor layout conventions used throughout the repository:
 

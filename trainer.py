@@ -444,6 +444,12 @@ class StopRequest:
             self.signal_name = signal.Signals(signum).name
 
     def _watch(self) -> None:
+        try:
+            self._count_signals()
+        finally:
+            os.close(self._read_fd)
+
+    def _count_signals(self) -> None:
         first = None
         while True:
             try:

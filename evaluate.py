@@ -577,7 +577,7 @@ DEFAULT_DIGIT_CLASSIFIER = Path("~/.cache/tganv2/digit_classifier.pt")
 REAL_DIGITS_SEED = 2000  # the procedural real reference clips
 HELD_OUT_DIGITS_SEED = 2001  # the held-out real clips of the control table
 DIGIT_SIZE = 64
-SECOND_DIGIT_THRESHOLD = 0.5  # presence probability above which the runner-up digit joins a frame's set
+SECOND_DIGIT_THRESHOLD = 0.3  # presence probability above which the runner-up digit joins a frame's set
 CONTROL_BLUR_SIGMA = 1.5  # pixels, the "blurred" control
 DIGIT_SCORES = ("digit_score", "identity_consistency", "motion", "diversity")
 

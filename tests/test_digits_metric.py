@@ -62,7 +62,7 @@ def test_frame_sets_take_the_runner_up_only_when_it_is_present():
     presence = np.full((3, 10), 0.01)
     presence[0, [2, 7]] = [0.9, 0.8]  # two digits
     presence[1, 4] = 0.95  # the same digit twice: one
-    presence[1, 5] = 0.3
+    presence[1, 5] = 0.15
     presence[2, [1, 3]] = [0.2, 0.1]  # unsure: still the top digit
     assert frame_digit_sets(presence).tolist() == [(1 << 2) | (1 << 7), 1 << 4, 1 << 1]
     assert true_digit_sets(np.array([[2, 7], [4, 4]])).tolist() == [(1 << 2) | (1 << 7), 1 << 4]

@@ -51,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True,
                         help="also write grid.<format> tiling the first --grid-n videos (default on)")
     parser.add_argument("--grid-n", type=positive_int, default=64, help="videos in the grid (default 64)")
-    parser.add_argument("--nrow", type=positive_int, default=None, help="videos per grid row (default ceil(sqrt(grid size)))")
+    parser.add_argument("--nrow", type=positive_int, default=None,
+                        help="videos per grid row (default ceil(sqrt(grid size)))")
     parser.add_argument("--fps", type=positive_float, default=8.0, help="frames per second of gif/mp4 (default 8)")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="videos generated per forward pass (default 32)")
+    parser.add_argument("--batch-size", type=positive_int, default=32,
+                        help="videos generated per forward pass (default 32)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     return parser
 

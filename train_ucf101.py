@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Every training flag, plus the data flags of UCF-101 and video folders."""
     parser = trainer.build_parser(DESCRIPTION, DEFAULTS, prog="train_ucf101.py")
     add_data_arguments(parser)
-    parser.add_argument("--cache", metavar="DIR", help="read frames from a cache built by `prepare` instead of decoding")
+    parser.add_argument("--cache", metavar="DIR",
+                        help="read frames from a cache built by `prepare` instead of decoding")
     return parser
 
 

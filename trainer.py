@@ -198,7 +198,8 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
     p.add_argument("--amp", choices=["auto", "none", "bf16"],
                    help="bf16 autocast for the networks (losses and R1 stay fp32); auto = bf16 on GPUs that support "
                         "it and on CPUs with AVX512-BF16/AMX, else none (recipe)")
-    p.add_argument("--workers", type=non_negative_int, help="DataLoader worker processes (0 = load in the main process)")
+    p.add_argument("--workers", type=non_negative_int,
+                   help="DataLoader worker processes (0 = load in the main process)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile G and the fake-data pass of D (R1's double backward stays eager)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
@@ -256,6 +257,8 @@ def read_run_settings(path, out) -> dict:
                          "(or --resume to continue that run)")
     names = {f.name for f in dataclasses.fields(TrainConfig)} - set(NOT_FROM_CONFIG)
     return {k: v for k, v in saved.items() if k in names}
+
+
 def linear_decay(base_lr: float, iteration: int, start: int, total: int) -> float:
     """Learning rate at ``iteration``: constant before ``start``, then linear to 0 at ``total``."""
     if start < 0 or iteration < start:
@@ -517,8 +520,9 @@ def resolve_resume(config: TrainConfig) -> Optional[dict]:
 def check_clip_geometry(config: TrainConfig) -> None:
     """Every level must keep at least one frame and one clip: ``--n-frames`` >= the product of
     ``--subsample-frames`` and ``--batch-size`` >= the product of ``--subsample-batch``."""
-    for flag, value, strides_flag, strides in (("--n-frames", config.n_frames, "--subsample-frames", config.subsample_frames),
-                                               ("--batch-size", config.batch_size, "--subsample-batch", config.subsample_batch)):
+    for flag, value, strides_flag, strides in (
+            ("--n-frames", config.n_frames, "--subsample-frames", config.subsample_frames),
+            ("--batch-size", config.batch_size, "--subsample-batch", config.subsample_batch)):
         needed = math.prod(strides)
         if value < needed:
             raise InputError(f"{flag} {value}: {strides_flag} {','.join(map(str, strides))} leaves "
@@ -700,6 +704,8 @@ class Run:
             rows = torch.linspace(0, len(classes) - 1, config.sample_grid).round().long()
             self.fixed_labels = rows.repeat_interleave(config.sample_grid).to(device)
         self.eval_models = load_eval_models(config, device) if self.is_main else None
+        if config.tensorboard and not tensorboard_available():
+            raise InputError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
         self.board = None
         if self.is_main:
             write_run_config(self.out, self.record, start)

@@ -84,15 +84,23 @@ def test_png_strips_and_evaluate_reads_the_folder_back(checkpoint, tmp_path):
     assert read_video(paths[0]).shape == (1, 16, 64, 64)
 
 
+def test_bad_values_give_one_line_errors(checkpoint, tmp_path, capsys):
+    assert run(checkpoint, tmp_path / "out", "--level", "5") == 1
+    err = capsys.readouterr().err
+    assert err == "generate.py: error: --level 5: the generator has levels 1..4\n"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("flags, message", [
-    (["--level", "5"], "--level 5: the generator has levels 1..4"),
-    (["--level", "0"], "--level must be >= 1"),
-    (["--n", "0"], "--n must be >= 1"),
-    (["--frames", "-3"], "--frames must be >= 1"),
-    (["--fps", "0"], "--fps must be > 0"),
+    (["--level", "0"], "argument --level: expected an integer >= 1, got 0"),
+    (["--n", "0"], "argument --n: expected an integer >= 1, got 0"),
+    (["--frames", "-3"], "argument --frames: expected an integer >= 1, got -3"),
+    (["--fps", "0"], "argument --fps: expected a finite number > 0, got 0"),
 ])
-def test_bad_values_give_one_line_errors(checkpoint, tmp_path, capsys, flags, message):
-    assert run(checkpoint, tmp_path / "out", *flags) == 1
+def test_out_of_range_flags_are_one_line_usage_errors(checkpoint, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run(checkpoint, tmp_path / "out", *flags)
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("generate.py: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()

@@ -201,6 +201,24 @@ def test_cli_json_on_an_npy_file(tmp_path, tiny_cli, capsys):
     assert as_float["n_samples"] == 4 and np.isfinite(as_float["frechet_distance"])
 
 
+def test_cli_on_gifs_against_a_moving_mnist_layout_file(tmp_path, tiny_cli, capsys):
+    from utils import write_video
+
+    clips = procedural_clips(4, 8, 98)[0][:, 0]  # uint8 (N, T, H, W)
+    for i, clip in enumerate(clips[:3]):
+        write_video(tmp_path / "videos" / f"video_{i:04d}.gif", clip[..., None])
+    real = tmp_path / "mnist_layout.npy"
+    np.save(real, procedural_clips(6, 10, 97)[0][:, 0].transpose(1, 0, 2, 3))  # (T, N, H, W) like mnist_test_seq
+    argv = ["digits", "--videos", str(tmp_path / "videos"), "--real", str(real), "--json", *tiny_cli]
+    assert evaluate.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_samples"] == 3 and result["real"] == str(real) and SCORES <= set(result)
+    assert 0.6 < result["motion_ratio"] < 1.4
+    (tmp_path / "empty").mkdir()
+    assert evaluate.main(argv + ["--real", str(tmp_path / "empty")]) == 1
+    assert "empty: no videos" in capsys.readouterr().err
+
+
 def test_cli_on_a_checkpoint_uses_the_ema_weights_when_present(tmp_path, generator, tiny_cli, capsys):
     ckpt = tmp_path / "checkpoint.pt"
     raw = generator.state_dict()

@@ -949,7 +949,7 @@ def real_digit_batches(n_real: int, n_frames: int, real=None, batch_size: int = 
     """The real reference clips in batches, and how many there are.
 
     Without ``real``: ``n_real`` procedural clips from ``seed``.  ``real`` is a Moving-MNIST-layout
-    ``.npy`` (``(T, N, 64, 64)`` uint8) or a folder of videos (see :func:`find_videos`), from which
+    ``.npy`` (``(T, N, 64, 64)`` uint8) or a folder of videos (see :func:`datasets.video_paths`), from which
     ``n_real`` clips are drawn at random (fixed seed) when it holds more.
     """
     if real is None:

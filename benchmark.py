@@ -12,8 +12,8 @@ Each subcommand is an ``add_<name>_parser(subparsers)`` that registers a ``run_<
 """
 
 import argparse
+import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 from typing import List, Sequence
@@ -26,12 +26,11 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import flop_registry
-from types import SimpleNamespace
 
 from datasets import ResumableBatchSampler, open_video_dataset
 from models import build_models, count_parameters, level_labels, model_config
-from trainer import Trainer, int_list
-from utils import encode_video, pick_device
+from trainer import TrainConfig, Trainer
+from utils import OneLineArgumentParser, encode_video, int_list, pick_device, report_error
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic UCF-101-shaped trees (for the data benchmark and the tests)
@@ -204,7 +203,7 @@ MODES = ("naive", "frame", "batch", "proposed")
 
 
 def mode_strides(mode: str, n_levels: int, frame_stride: int = 2, batch_stride: int = 2):
-    """``(frame_strides, batch_strides)`` of a cost-table mode."""
+    """``(subsample_frames, subsample_batch)`` of a cost-table mode."""
     f = frame_stride if mode in ("frame", "proposed") else 1
     b = batch_stride if mode in ("batch", "proposed") else 1
     return [f] * (n_levels - 1), [b] * (n_levels - 1)
@@ -351,10 +350,10 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int = Non
     return 2 * size**3 * reps / (time.perf_counter() - start) / 1e12
 
 
-def step_flops(cfg, args, batch_size: int) -> int:
+def step_flops(cfg, config: TrainConfig, batch_size: int) -> int:
     """FLOPs of one whole training step (forward, backward, R1 double backward), counted on meta."""
     meta = torch.device("meta")
-    trainer = Trainer(cfg, SimpleNamespace(**{**vars(args), "compile": False, "amp": "none"}), meta)
+    trainer = Trainer(cfg, dataclasses.replace(config, compile=False, amp="none"), meta)
     x = torch.empty(batch_size, cfg.out_channels, cfg.n_frames, cfg.resolutions[-1], cfg.resolutions[-1], device=meta)
     counter = LevelCounter(1)
     with counter:
@@ -371,11 +370,11 @@ def measure_speed(preset: str = "movingmnist", batch_size: int = 8, device: str 
     """
     device = pick_device(device)
     cfg = model_config(preset, subsample_frames=subsample_frames, subsample_batch=subsample_batch)
-    args = SimpleNamespace(lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, gp_weight=0.5, amp=amp, lr_decay_start=-1,
-                           iterations=steps + warmup, sync_bn=False, compile=compile, channels_last=channels_last)
-    flops = step_flops(cfg, args, batch_size)
+    config = TrainConfig(amp=amp, iterations=steps + warmup, sync_bn=False, compile=compile,
+                         channels_last=channels_last)
+    flops = step_flops(cfg, config, batch_size)
     torch.manual_seed(0)
-    trainer = Trainer(cfg, args, device)
+    trainer = Trainer(cfg, config, device)
     res = cfg.resolutions[-1]
     x = torch.rand(batch_size, cfg.out_channels, cfg.n_frames, res, res, device=device) * 2 - 1
     for _ in range(warmup):
@@ -497,7 +496,8 @@ def run_speed(args) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(prog="benchmark.py", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_make_videos_parser(subparsers)
     add_data_parser(subparsers)
@@ -506,9 +506,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1)
+    except (ValueError, OSError) as err:  # bad input (a missing file, a bad value), or a full or read-only disk
+        raise SystemExit(report_error("benchmark.py", err))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Training data: Moving MNIST, procedural moving digits, UCF-101 and folders of videos, the resumable
-sampler and the real pyramid.
+sampler, and reading video files.
 
 Every dataset here returns clips ``(C, T, H, W)`` as uint8 (the trainer maps them to ``[-1, 1]``
 on the device with :func:`to_unit_range`, so workers, pinned memory and the host-to-device copy
@@ -25,11 +25,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from models import level_labels, subsample
-from utils import write_json
+from utils import InputError, first_line, write_json
 
 MOVING_MNIST_URL = "http://www.cs.toronto.edu/~nitish/unsupervised_video/mnist_test_seq.npy"
 
@@ -95,6 +93,10 @@ def to_unit_range(frames_uint8) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+MOVING_MNIST_FRAMES, MOVING_MNIST_SIZE = 20, 64  # mnist_test_seq.npy: 20-frame 64x64 sequences
+MOVING_MNIST_LAYOUT = f"(frames, videos, {MOVING_MNIST_SIZE}, {MOVING_MNIST_SIZE}) like (20, 10000, 64, 64)"
+
+
 class MovingMNIST(Dataset):
     """Clips of ``mnist_test_seq.npy``, uint8 ``(20, 10000, 64, 64)``: a random ``n_frames`` window.
 
@@ -105,15 +107,20 @@ class MovingMNIST(Dataset):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: Moving MNIST file not found (expected mnist_test_seq.npy)")
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":  # np.load would call any other file "pickled data"
+            raise ValueError(f"{path}: not a readable .npy array (no NumPy header); expected mnist_test_seq.npy, "
+                             f"uint8 {MOVING_MNIST_LAYOUT}")
         try:
             data = np.load(path, mmap_mode="r")
         except Exception as err:  # noqa: BLE001 - report any unreadable file the same way
             raise ValueError(f"{path}: not a readable .npy array ({err})") from None
-        if data.ndim != 4 or data.dtype != np.uint8:
-            raise ValueError(
-                f"{path}: expected a uint8 array (frames, videos, height, width) like (20, 10000, 64, 64), "
-                f"got {data.dtype} {tuple(data.shape)}"
-            )
+        if data.ndim != 4 or data.dtype != np.uint8 or data.shape[2:] != (MOVING_MNIST_SIZE,) * 2:
+            raise ValueError(f"{path}: expected a uint8 array {MOVING_MNIST_LAYOUT}, "
+                             f"got {data.dtype} {tuple(data.shape)}")
+        if data.shape[1] == 0:
+            raise ValueError(f"{path}: holds 0 videos (shape {tuple(data.shape)}); expected uint8 {MOVING_MNIST_LAYOUT}")
         if data.shape[0] < n_frames:
             raise ValueError(f"{path}: videos have {data.shape[0]} frames, fewer than --n-frames {n_frames}")
         self.path, self.data, self.n_frames = path, data, n_frames
@@ -257,6 +264,10 @@ def open_moving_mnist(data: str, n_frames: int, default_path="data/mnist_test_se
     ``auto``: ``default_path`` if present, else try downloading it, else procedural digits with a
     warning.  An explicit ``PATH`` that is missing or malformed raises; it never falls back.
     """
+    if data in ("synthetic", "auto") and n_frames > MOVING_MNIST_FRAMES:
+        # The procedural digits stand in for the real set, so they are held to its sequence length.
+        raise ValueError(f"--n-frames {n_frames}: Moving MNIST sequences have {MOVING_MNIST_FRAMES} frames; "
+                         f"expected at most {MOVING_MNIST_FRAMES}")
     if data == "synthetic":
         return MovingDigits(n_frames)
     if data != "auto":
@@ -275,30 +286,6 @@ def open_moving_mnist(data: str, n_frames: int, default_path="data/mnist_test_se
             print("*** Using procedural moving digits (no real Moving MNIST available) ***", file=sys.stderr)
             return MovingDigits(n_frames)
     return MovingMNIST(path, n_frames)
-
-
-# ---------------------------------------------------------------------------------------------
-# The real-data pyramid (docs/METHOD.md, 'Real-data pyramid')
-# ---------------------------------------------------------------------------------------------
-
-
-def real_pyramid(x: torch.Tensor, frame_strides: Sequence[int], batch_strides: Sequence[int],
-                 labels: torch.Tensor = None):
-    """The real counterpart of the generator's renders.
-
-    ``x``: full-resolution clips ``(N, C, T, H, W)``.  Level ``l`` (1-based, ``L`` levels) is the
-    clip after ``l - 1`` rounds of subsampling (a random frame offset per clip, batch stride), average-pooled
-    spatially by ``2 ** (L - l)``.  Returns ``[x1, ..., xL]`` (and the labels of every level, subsampled
-    with the same batch strides, when ``labels`` is given).
-    """
-    n_levels = len(frame_strides) + 1
-    levels = []
-    for level in range(n_levels):
-        if level > 0:
-            x = subsample(x, frame_strides[level - 1], batch_strides[level - 1], time_dim=2, offset_per_sample=True)
-        factor = 2 ** (n_levels - 1 - level)
-        levels.append(F.avg_pool3d(x, (1, factor, factor)) if factor > 1 else x.contiguous())
-    return (levels, level_labels(labels, batch_strides)) if labels is not None else levels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,13 +453,14 @@ def crop_and_flip(frames: np.ndarray, left: int, size: int, flip: bool) -> torch
     return torch.from_numpy(np.ascontiguousarray(window.transpose(3, 0, 1, 2)))
 
 
-def find_videos(root) -> List[str]:
-    """Paths (relative to ``root``, sorted, ``/``-separated) of every ``.avi/.mp4/.mkv/.webm`` below ``root``."""
+def find_videos(root, suffixes: Sequence[str] = VIDEO_EXTENSIONS) -> List[str]:
+    """Paths (relative to ``root``, sorted, ``/``-separated) of every file below ``root`` ending in one of
+    ``suffixes`` (default ``.avi/.mp4/.mkv/.webm``), except ``grid.*``: generate.py's sample grids."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"--data {root}: no such folder")
+        raise FileNotFoundError(f"{root}: no such folder of videos")
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                  if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+                  if p.suffix.lower() in suffixes and p.stem != "grid" and p.is_file())
 
 
 # UCF-101's official split lists ------------------------------------------------------------
@@ -906,3 +894,108 @@ def prepare_frame_cache(root, paths: Sequence[str], cache_dir, resolution: int, 
     if index["skipped"]:
         _warn(f"frame cache: {len(index['skipped'])} unreadable videos recorded in {index_path}")
     return index
+
+
+# ---------------------------------------------------------------------------------------------
+# Video files for evaluation: real sets and generated samples, read from their first frame
+# ---------------------------------------------------------------------------------------------
+
+
+# What evaluate.py reads: the training formats, generate.py's outputs (GIF, uint8 .npy) and .mov.
+EVALUATION_SUFFIXES = VIDEO_EXTENSIONS + (".gif", ".mov", ".npy")
+
+
+def video_paths(folder) -> List[Path]:
+    """Every video file (:data:`EVALUATION_SUFFIXES`) below ``folder``, sorted; at least one, or :class:`InputError`."""
+    paths = [Path(folder) / p for p in find_videos(folder, EVALUATION_SUFFIXES)]
+    if not paths:
+        raise InputError(f"{folder}: no videos ({', '.join(EVALUATION_SUFFIXES)}) found")
+    return paths
+
+
+def _decode_frames(path: Path, n_frames: int) -> np.ndarray:
+    """The first ``n_frames`` frames of a file as uint8, ``(T, H, W)`` or ``(T, H, W, C)``."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        frames = np.load(path, mmap_mode="r")
+        if frames.dtype != np.uint8 or frames.ndim not in (3, 4):
+            raise ValueError(f"expected uint8 frames (T, H, W[, C]) as generate.py writes, got {frames.dtype} {frames.shape}")
+        return np.array(frames[:n_frames])  # a writable copy of the memory-mapped file
+    frames = []
+    if suffix == ".gif":
+        import imageio.v3 as iio
+
+        for frame in iio.imiter(path):
+            frames.append(frame)
+            if len(frames) == n_frames:
+                break
+    else:
+        with av.open(str(path)) as container:
+            for frame in container.decode(video=0):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if len(frames) == n_frames:
+                    break
+    return np.stack(frames) if frames else np.zeros((0, 1, 1), np.uint8)
+
+
+def read_video(path, n_frames: int = 16, square_crop: bool = True) -> torch.Tensor:
+    """First ``n_frames`` frames of a ``.gif`` / video file / uint8 ``.npy`` as ``(C, T, H, W)`` in ``[-1, 1]``.
+
+    C is 1 for grayscale files, else 3 (alpha dropped).  ``square_crop`` keeps the central square
+    of non-square frames (the generator renders squares).  Raises ``ValueError`` for short files.
+    """
+    path = Path(path)
+    frames = _decode_frames(path, n_frames)
+    if len(frames) < n_frames:
+        raise ValueError(f"{len(frames)} frames, fewer than the {n_frames} needed")
+    if frames.ndim == 3:
+        frames = frames[..., None]
+    frames = frames[..., :3] if frames.shape[-1] >= 3 else frames[..., :1]
+    if square_crop:
+        h, w = frames.shape[1:3]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        frames = frames[:, top : top + side, left : left + side]
+    return to_unit_range(frames).permute(3, 0, 1, 2)
+
+
+class VideoFiles(Dataset):
+    """``(path, (C, T, H, W) tensor)``, or ``(path, error message)`` for an unreadable file."""
+
+    def __init__(self, paths: Sequence[Path], n_frames: int = 16, square_crop: bool = True):
+        self.paths, self.n_frames, self.square_crop = list(paths), n_frames, square_crop
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        try:
+            return path, read_video(path, self.n_frames, self.square_crop)
+        except Exception as err:  # noqa: BLE001 - any undecodable file is skipped and counted
+            return path, f"{type(err).__name__}: {first_line(err)}"
+
+
+def _as_list(batch):
+    return batch
+
+
+def folder_batches(paths: Sequence[Path], batch_size: int = 32, n_frames: int = 16, square_crop: bool = True,
+                   workers: int = 0, skipped: Optional[List[Path]] = None) -> Iterator[List[torch.Tensor]]:
+    """Decode ``paths`` in batches (lists of ``(C, T, H, W)`` tensors, sizes may differ).
+
+    Unreadable or too-short files are skipped with a warning and appended to ``skipped``.
+    """
+    loader = DataLoader(VideoFiles(paths, n_frames, square_crop), batch_size=batch_size,
+                        num_workers=workers, collate_fn=_as_list)
+    for batch in loader:
+        videos = []
+        for path, item in batch:
+            if isinstance(item, str):
+                warnings.warn(f"skipping unreadable video {path}: {item}")
+                if skipped is not None:
+                    skipped.append(path)
+            else:
+                videos.append(item)
+        if videos:
+            yield videos

@@ -26,7 +26,6 @@ import warnings
 import weakref
 import zipfile
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,25 +36,14 @@ import scipy.special
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from datasets import MovingDigits, to_unit_range
-from models import load_weights
-from utils import generator_from_checkpoint, pick_device
+from datasets import MovingDigits, folder_batches, to_unit_range, video_paths
+from models import generated_batches, load_generator, sample_classes, sampling_mode
+from utils import InputError, OneLineArgumentParser, first_line, pick_device, positive_int, report_error
 
 Stats = Tuple[np.ndarray, np.ndarray]  # (mu (D,), sigma (D, D))
 Batch = Union[torch.Tensor, List[torch.Tensor]]
-
-
-class InputError(ValueError):
-    """A missing or malformed input file or flag; the CLI prints it as one line, no traceback."""
-
-
-def _first_line(err: BaseException) -> str:
-    # KeyError's str() adds quotes and state-dict errors span many lines; keep the message's first line
-    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +64,8 @@ def split_inception_scores(probs: np.ndarray, splits: int = 1) -> np.ndarray:
     scores = []
     for i in range(splits):
         part = probs[i * n // splits : (i + 1) * n // splits]
-        marginal = part.mean(axis=0, keepdims=True)
+        # a denormal probability divided by N can underflow to 0 (KL = inf): floor at the smallest normal float
+        marginal = np.maximum(part.mean(axis=0, keepdims=True), np.finfo(np.float64).tiny)
         # rel_entr is p * log(p / q) with 0 for p = 0: exact for one-hot rows, no eps needed
         kl = scipy.special.rel_entr(part, marginal).sum(axis=1).mean()
         scores.append(math.exp(kl))
@@ -131,10 +120,29 @@ def _open_npz(path, what: str):
     try:
         data = np.load(path)
     except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise InputError(f"{path}: not a readable .npz file ({_first_line(err)})") from None
+        raise InputError(f"{path}: not a readable .npz file ({first_line(err)})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise InputError(f"{path}: a single .npy array, expected an .npz archive ({what})")
-    return data
+    return _NpzArrays(data, path)
+
+
+class _NpzArrays:
+    """An open ``.npz`` whose arrays are read with a one-line :class:`InputError` for object (pickled) arrays."""
+
+    def __init__(self, npz, path):
+        self.npz, self.path, self.files = npz, path, npz.files
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        try:
+            return self.npz[key]
+        except ValueError as err:  # object arrays need allow_pickle, which would let a file run code
+            raise InputError(f"{self.path}: key {key!r} is not a plain numeric array ({first_line(err)})") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.npz.close()
 
 
 def save_statistics(path, mu: np.ndarray, sigma: np.ndarray, **meta) -> Path:
@@ -321,7 +329,7 @@ def load_i3d(path, device="cpu") -> torch.jit.ScriptModule:
             warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=FutureWarning)
             model = torch.jit.load(str(path), map_location=device)
     except Exception as err:  # noqa: BLE001 - jit.load raises assorted types for a bad file
-        raise InputError(f"{path}: not a loadable TorchScript file ({_first_line(err)})") from None
+        raise InputError(f"{path}: not a loadable TorchScript file ({first_line(err)})") from None
     return model.eval()
 
 
@@ -346,142 +354,6 @@ def i3d_outputs(i3d: Callable, videos: torch.Tensor, size: int = 224, kwargs: Op
         got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise InputError(f"I3D returned {got} for a batch of {videos.shape[0]} videos; expected (N, D) features")
     return {"i3d": out.reshape(len(out), -1).double().cpu().numpy()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Video sources: a generator, or a folder of files
-# ---------------------------------------------------------------------------------------------
-
-VIDEO_SUFFIXES = (".gif", ".mp4", ".avi", ".mov", ".mkv", ".webm", ".npy")
-
-
-def find_videos(folder) -> List[Path]:
-    """Every video file under ``folder`` (recursively, sorted), except ``grid.*`` sample grids."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: no such folder of videos")
-    # generate.py writes grid.* next to the single videos; a grid is not a sample
-    paths = sorted(p for p in folder.rglob("*")
-                   if p.suffix.lower() in VIDEO_SUFFIXES and p.stem != "grid" and p.is_file())
-    if not paths:
-        raise InputError(f"{folder}: no videos ({', '.join(VIDEO_SUFFIXES)}) found")
-    return paths
-
-
-def _decode_frames(path: Path, n_frames: int) -> np.ndarray:
-    """The first ``n_frames`` frames of a file as uint8, ``(T, H, W)`` or ``(T, H, W, C)``."""
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        frames = np.load(path, mmap_mode="r")
-        if frames.dtype != np.uint8 or frames.ndim not in (3, 4):
-            raise ValueError(f"expected uint8 frames (T, H, W[, C]) as generate.py writes, got {frames.dtype} {frames.shape}")
-        return np.array(frames[:n_frames])  # a writable copy of the memory-mapped file
-    frames = []
-    if suffix == ".gif":
-        import imageio.v3 as iio
-
-        for frame in iio.imiter(path):
-            frames.append(frame)
-            if len(frames) == n_frames:
-                break
-    else:
-        import av
-
-        with av.open(str(path)) as container:
-            for frame in container.decode(video=0):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if len(frames) == n_frames:
-                    break
-    return np.stack(frames) if frames else np.zeros((0, 1, 1), np.uint8)
-
-
-def read_video(path, n_frames: int = 16, square_crop: bool = True) -> torch.Tensor:
-    """First ``n_frames`` frames of a ``.gif`` / video file / uint8 ``.npy`` as ``(C, T, H, W)`` in ``[-1, 1]``.
-
-    C is 1 for grayscale files, else 3 (alpha dropped).  ``square_crop`` keeps the central square
-    of non-square frames (the generator renders squares).  Raises ``ValueError`` for short files.
-    """
-    path = Path(path)
-    frames = _decode_frames(path, n_frames)
-    if len(frames) < n_frames:
-        raise ValueError(f"{len(frames)} frames, fewer than the {n_frames} needed")
-    if frames.ndim == 3:
-        frames = frames[..., None]
-    frames = frames[..., :3] if frames.shape[-1] >= 3 else frames[..., :1]
-    if square_crop:
-        h, w = frames.shape[1:3]
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        frames = frames[:, top : top + side, left : left + side]
-    return to_unit_range(frames).permute(3, 0, 1, 2)
-
-
-class VideoFiles(Dataset):
-    """``(path, (C, T, H, W) tensor)``, or ``(path, error message)`` for an unreadable file."""
-
-    def __init__(self, paths: Sequence[Path], n_frames: int = 16, square_crop: bool = True):
-        self.paths, self.n_frames, self.square_crop = list(paths), n_frames, square_crop
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        path = self.paths[index]
-        try:
-            return path, read_video(path, self.n_frames, self.square_crop)
-        except Exception as err:  # noqa: BLE001 - any undecodable file is skipped and counted
-            return path, f"{type(err).__name__}: {_first_line(err)}"
-
-
-def _as_list(batch):
-    return batch
-
-
-def folder_batches(paths: Sequence[Path], batch_size: int = 32, n_frames: int = 16, square_crop: bool = True,
-                   workers: int = 0, skipped: Optional[List[Path]] = None) -> Iterator[List[torch.Tensor]]:
-    """Decode ``paths`` in batches (lists of ``(C, T, H, W)`` tensors, sizes may differ).
-
-    Unreadable or too-short files are skipped with a warning and appended to ``skipped``.
-    """
-    loader = DataLoader(VideoFiles(paths, n_frames, square_crop), batch_size=batch_size,
-                        num_workers=workers, collate_fn=_as_list)
-    for batch in loader:
-        videos = []
-        for path, item in batch:
-            if isinstance(item, str):
-                warnings.warn(f"skipping unreadable video {path}: {item}")
-                if skipped is not None:
-                    skipped.append(path)
-            else:
-                videos.append(item)
-        if videos:
-            yield videos
-
-
-@torch.no_grad()
-def generated_batches(gen: nn.Module, n_samples: int, batch_size: int = 32, n_frames: int = 16,
-                      level: Optional[int] = None, rng: Optional[torch.Generator] = None,
-                      labels: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
-    """Dense samples of ``gen`` in batches ``(B, C, n_frames, H, W)`` in ``[-1, 1]``, ``n_samples`` in all.
-
-    ``labels`` ``(n_samples,)`` are the classes of a conditional generator (see :func:`sample_classes`).
-    """
-    device = next(gen.parameters()).device
-    for start in range(0, n_samples, batch_size):
-        z = gen.sample_z(min(batch_size, n_samples - start), device, generator=rng)
-        y = None if labels is None else labels[start : start + len(z)].to(device)
-        yield gen.generate(z, n_frames=n_frames, level=level, labels=y).clamp_(-1, 1)
-
-
-def sample_classes(gen: nn.Module, n_samples: int, rng: Optional[torch.Generator] = None,
-                   class_id: Optional[int] = None) -> Optional[torch.Tensor]:
-    """Classes ``(n_samples,)`` for a conditional ``gen``: all ``class_id``, or uniformly drawn; ``None`` if unconditional."""
-    if not gen.cfg.n_classes:
-        return None
-    if class_id is not None:
-        return torch.full((n_samples,), class_id, dtype=torch.long)
-    device = next(gen.parameters()).device
-    return gen.sample_labels(n_samples, device, generator=rng).cpu()
 
 
 def class_accuracy(probs: np.ndarray, labels: np.ndarray, n_classes: int) -> Dict[str, object]:
@@ -608,9 +480,7 @@ def evaluate_generator(gen: nn.Module, models: EvalModels, n_samples: int = 2048
     extractors = models.extractors()
     runs: Dict[str, list] = defaultdict(list)
     accuracy: Dict[str, object] = {}
-    was_training = gen.training
-    gen.eval()
-    try:
+    with sampling_mode(gen):
         for repeat in range(repeats):
             labels = sample_classes(gen, n_samples, rng)  # conditional: uniformly drawn classes
             batches = generated_batches(gen, n_samples, batch_size, n_frames, level, rng, labels)
@@ -622,8 +492,6 @@ def evaluate_generator(gen: nn.Module, models: EvalModels, n_samples: int = 2048
                 runs["accuracy"].append(class_accuracy(outputs["probs"], labels.numpy(), gen.cfg.n_classes)["accuracy"])
                 if repeat == 0:
                     accuracy = class_accuracy(outputs["probs"], labels.numpy(), gen.cfg.n_classes)
-    finally:
-        gen.train(was_training)
     per_class = {"class_accuracy": accuracy["class_accuracy"]} if accuracy else {}
     return {**summarize(runs), **per_class, "n_samples": n_samples, "repeats": repeats, "splits": splits}
 
@@ -676,7 +544,7 @@ def real_statistics(models: EvalModels, feature: str, stats_path=None, real_vide
     if real_videos is None:
         raise InputError(f"{stats_path}: real statistics not found; pass --real-videos DIR to compute them"
                          if stats_path else "real statistics needed: pass --real-videos DIR or --real-stats FILE")
-    paths = find_videos(real_videos)
+    paths = video_paths(real_videos)
     if max_videos is not None and max_videos < len(paths):
         keep = np.sort(np.random.default_rng(seed).choice(len(paths), max_videos, replace=False))
         paths = [paths[i] for i in keep]
@@ -695,15 +563,6 @@ def real_statistics(models: EvalModels, feature: str, stats_path=None, real_vide
     return mu, sigma
 
 
-def load_generator(path, device="cpu"):
-    """:func:`utils.generator_from_checkpoint` with one-line :class:`InputError` messages."""
-    try:
-        return generator_from_checkpoint(path, device)
-    except (FileNotFoundError, KeyError, RuntimeError, TypeError, ValueError) as err:
-        message = _first_line(err)
-        raise InputError(message if str(path) in message else f"{path}: {message}") from None
-
-
 # ---------------------------------------------------------------------------------------------
 # Moving digits: a small digit classifier and the scores built on it
 # ---------------------------------------------------------------------------------------------
@@ -713,7 +572,7 @@ def load_generator(path, device="cpu"):
 # the ten digits a frame shows (multi-label) and gives a 128-d feature per frame; motion is
 # measured on the pixels.  Every score is reported next to the same score of real clips.
 
-DIGIT_CLASSIFIER_FORMAT = "tganv2-digit-classifier/1"  # bump when the network or the recipe changes
+DIGIT_CLASSIFIER_FORMAT = "tganv2-digit-classifier/1"  # bump when the network, the recipe or the set rule changes
 DEFAULT_DIGIT_CLASSIFIER = Path("~/.cache/tganv2/digit_classifier.pt")
 REAL_DIGITS_SEED = 2000  # the procedural real reference clips
 HELD_OUT_DIGITS_SEED = 2001  # the held-out real clips of the control table
@@ -843,8 +702,8 @@ def train_digit_classifier(settings: DigitClassifierSettings = DIGIT_CLASSIFIER_
     keep = np.linspace(0, 15, settings.frames_per_clip).round().astype(int)
     frames = torch.from_numpy(np.ascontiguousarray(videos[:, 0, keep].reshape(-1, 1, DIGIT_SIZE, DIGIT_SIZE)))
     targets = torch.from_numpy(_presence_targets(digits, settings.frames_per_clip))
-    with torch.random.fork_rng(devices=[]):  # weight init draws from the global RNG
-        torch.manual_seed(settings.seed)
+    with torch.random.fork_rng(devices=[]):  # weight init draws from the global CPU RNG; CUDA's is not touched
+        torch.random.default_generator.manual_seed(settings.seed)
         model = DigitClassifier()
     model = model.to(device).train()
     order_rng = torch.Generator().manual_seed(settings.seed)
@@ -1003,8 +862,8 @@ def digit_summary(outputs: Dict[str, np.ndarray]) -> Dict[str, object]:
     """The scores of one set of clips from :func:`digit_frame_outputs` outputs (``N >= 2`` clips).
 
     - ``digit_score``: ``exp(E_x KL(p(y|x) || p(y)))`` over all frames, ``p(y|x)`` the frame's
-      presence probabilities normalised to sum to 1 and ``p(y)`` their mean (about 5.5 for real
-      clips: two sure digits give ``p(y|x)`` of entropy ln 2 and ``p(y)`` is near uniform over 10).
+      presence probabilities normalised to sum to 1 and ``p(y)`` their mean (at most about 5: two
+      sure digits give ``p(y|x)`` of entropy ln 2 and ``p(y)`` is uniform over 10; real clips 4.3).
     - ``identity_consistency``: per clip, the fraction of frames whose digit set
       (:func:`frame_digit_sets`) is the clip's most frequent one; mean over clips (1 when digits
       keep their identity).
@@ -1065,7 +924,7 @@ def read_clip_array(path, n_frames: int, layout: str = "NTHW") -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as err:
-        raise InputError(f"{path}: not a readable .npy array ({_first_line(err)})") from None
+        raise InputError(f"{path}: not a readable .npy array ({first_line(err)})") from None
     expected = "(T, N, H, W) like mnist_test_seq.npy" if layout == "TNHW" else "(N, T, H, W) or (N, C, T, H, W)"
     if array.ndim not in ((4,) if layout == "TNHW" else (4, 5)) or not (array.dtype == np.uint8 or array.dtype.kind == "f"):
         raise InputError(f"{path}: expected a uint8 or float array {expected}, got {array.dtype} {tuple(array.shape)}")
@@ -1090,14 +949,14 @@ def real_digit_batches(n_real: int, n_frames: int, real=None, batch_size: int = 
     """The real reference clips in batches, and how many there are.
 
     Without ``real``: ``n_real`` procedural clips from ``seed``.  ``real`` is a Moving-MNIST-layout
-    ``.npy`` (``(T, N, 64, 64)`` uint8) or a folder of videos (see :func:`find_videos`), from which
+    ``.npy`` (``(T, N, 64, 64)`` uint8) or a folder of videos (see :func:`datasets.video_paths`), from which
     ``n_real`` clips are drawn at random (fixed seed) when it holds more.
     """
     if real is None:
         return clip_array_batches(procedural_clips(n_real, n_frames, seed)[0], batch_size), n_real
     real = Path(real)
     if real.is_dir():
-        paths = find_videos(real)
+        paths = video_paths(real)
         keep = np.sort(np.random.default_rng(seed).permutation(len(paths))[:n_real])
         return folder_batches([paths[i] for i in keep], batch_size, n_frames), len(keep)
     clips = read_clip_array(real, n_frames, layout="TNHW")
@@ -1171,33 +1030,6 @@ def digit_controls(classifier: DigitClassifier, real_summary: Dict[str, object],
     return rows
 
 
-@contextmanager
-def sampling_mode(gen: nn.Module, bn_mode: str = "eval"):
-    """``gen`` in eval mode for sampling; with ``bn_mode="train"`` its BatchNorm layers use batch statistics.
-
-    On exit every module's mode and every BatchNorm's running statistics are as they were (batch
-    statistics would otherwise update them).  Under torchrun with ``--sync-bn``, ``"train"`` makes
-    the BatchNorm layers wait for the other processes: call it on every rank, or use ``"eval"``.
-    """
-    if bn_mode not in ("eval", "train"):
-        raise ValueError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
-    modes = [(module, module.training) for module in gen.modules()]
-    norms = [m for m in gen.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [[buffer.clone() for buffer in norm.buffers(recurse=False)] for norm in norms]
-    gen.eval()
-    if bn_mode == "train":
-        for norm in norms:
-            norm.train()
-    try:
-        yield gen
-    finally:
-        for module, mode in modes:
-            module.training = mode
-        for norm, buffers in zip(norms, saved):
-            for buffer, value in zip(norm.buffers(recurse=False), buffers):
-                buffer.copy_(value)
-
-
 def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: int = 16, seed: int = 0,
                                 device=None, batch_size: int = 32, bn_mode: str = "eval",
                                 level: Optional[int] = None, n_real: int = 512, real=None, classifier_path=None,
@@ -1225,32 +1057,9 @@ def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: 
     return compare_digit_summaries(summary, real_summary)
 
 
-def load_generator_for_sampling(path, device="cpu", ema: bool = True) -> Tuple[nn.Module, dict, str]:
-    """:func:`load_generator`, with the weights of ``generator_ema`` when ``ema`` and the checkpoint has it.
-
-    Returns ``(generator, checkpoint, name of the weights used)``.  Entries the EMA copy lacks
-    (e.g. BatchNorm statistics, if only parameters were averaged) come from ``generator``.
-    """
-    gen, ckpt = load_generator(path, device)
-    if not (ema and "generator_ema" in ckpt):
-        return gen, ckpt, "generator"
-    try:
-        load_weights(gen, {**ckpt["generator"], **ckpt["generator_ema"]}, "generator_ema")
-    except ValueError as err:
-        raise InputError(f"{path}: {_first_line(err)}") from None
-    return gen, ckpt, "generator_ema"
-
-
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _json_object(text: str) -> dict:
@@ -1282,16 +1091,16 @@ def add_digits_parser(sub) -> argparse.ArgumentParser:
                         help="instead, print the control table: held-out real, blurred, frozen, shuffled and noise "
                              "clips (made from --n-real held-out procedural clips), each scored against the real clips")
     opts = cmd.add_argument_group("scoring options")
-    opts.add_argument("--n-samples", type=_positive_int, default=None,
+    opts.add_argument("--n-samples", type=positive_int, default=None,
                       help="clips to score: default 512 from a checkpoint; from --videos/--npy the first N (default all)")
-    opts.add_argument("--n-real", type=_positive_int, default=512,
+    opts.add_argument("--n-real", type=positive_int, default=512,
                       help="real reference clips (default 512): procedural clips from a fixed seed, or a seeded "
                            "random subset of --real")
     opts.add_argument("--real", metavar="PATH",
                       help="real clips instead of procedural ones: a Moving-MNIST-layout .npy (T, N, 64, 64) uint8 "
                            "such as mnist_test_seq.npy, or a folder of videos")
-    opts.add_argument("--frames", type=_positive_int, default=16, help="frames per clip, at least 2 (default 16)")
-    opts.add_argument("--level", type=_positive_int, default=None,
+    opts.add_argument("--frames", type=positive_int, default=16, help="frames per clip, at least 2 (default 16)")
+    opts.add_argument("--level", type=positive_int, default=None,
                       help="generator level to render (1-based; default the last); frames are resized to 64x64")
     opts.add_argument("--no-ema", dest="ema", action="store_false",
                       help="sample with the checkpoint's raw 'generator' weights even when it has 'generator_ema'")
@@ -1301,7 +1110,7 @@ def add_digits_parser(sub) -> argparse.ArgumentParser:
     opts.add_argument("--classifier", metavar="PATH", default=str(DEFAULT_DIGIT_CLASSIFIER),
                       help="cached digit classifier: used when it matches this version's training settings, "
                            "else trained and written here (default %(default)s)")
-    opts.add_argument("--batch-size", type=_positive_int, default=32, help="clips per forward pass (default 32)")
+    opts.add_argument("--batch-size", type=positive_int, default=32, help="clips per forward pass (default 32)")
     opts.add_argument("--seed", type=int, default=0, help="seed of the generator's latents (default 0)")
     opts.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     opts.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding video files (default 0)")
@@ -1324,11 +1133,11 @@ def run_digits(args: argparse.Namespace) -> Dict[str, object]:
     progress = not args.quiet
     # cheap checks first: the classifier may need training
     if args.checkpoint:
-        gen, ckpt, weights = load_generator_for_sampling(args.checkpoint, device, args.ema)
+        gen, ckpt, weights = load_generator(args.checkpoint, device, args.ema)
         if args.level is not None and args.level > gen.n_levels:
             raise InputError(f"--level {args.level}: the generator has levels 1..{gen.n_levels}")
     elif args.videos:
-        paths = find_videos(args.videos)[: args.n_samples]
+        paths = video_paths(args.videos)[: args.n_samples]
     elif args.npy:
         clips = read_clip_array(args.npy, args.frames)[: args.n_samples]
     if args.real is not None and not Path(args.real).exists():
@@ -1390,18 +1199,19 @@ def build_parser() -> argparse.ArgumentParser:
     source = common.add_argument_group("videos to score (one of)")
     pick = source.add_mutually_exclusive_group(required=True)
     pick.add_argument("--checkpoint", metavar="CKPT",
-                      help="training checkpoint; its generator samples the videos (eval mode, BatchNorm running stats)")
+                      help="training checkpoint or G-only snapshot; its generator samples the videos (eval mode, "
+                           "BatchNorm running stats; weights from 'generator_ema' when it has them, see --no-ema)")
     pick.add_argument("--videos", metavar="DIR",
                       help="folder of .gif/.mp4/.avi/.mov/.mkv/.webm/uint8 .npy videos (searched recursively, "
                            "grid.* skipped); the first --frames frames of each are used")
     opts = common.add_argument_group("sampling and run options")
-    opts.add_argument("--n-samples", type=_positive_int, default=None,
+    opts.add_argument("--n-samples", type=positive_int, default=None,
                       help="videos per run: default 2048 from a checkpoint; all files of --videos")
-    opts.add_argument("--frames", type=_positive_int, default=16,
+    opts.add_argument("--frames", type=positive_int, default=16,
                       help="frames per video (default 16; C3D needs 16)")
-    opts.add_argument("--level", type=_positive_int, default=None,
+    opts.add_argument("--level", type=positive_int, default=None,
                       help="generator level to render (1-based; default the last, full resolution)")
-    opts.add_argument("--batch-size", type=_positive_int, default=32, help="videos per forward pass (default 32)")
+    opts.add_argument("--batch-size", type=positive_int, default=32, help="videos per forward pass (default 32)")
     opts.add_argument("--seed", type=int, default=0,
                       help="seed of the latents (and of the --max-real subset); default 0")
     opts.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
@@ -1409,6 +1219,8 @@ def build_parser() -> argparse.ArgumentParser:
     opts.add_argument("--no-square-crop", dest="square_crop", action="store_false",
                       help="feed non-square video files whole instead of their central square "
                            "(generated videos are square)")
+    opts.add_argument("--no-ema", dest="ema", action="store_false",
+                      help="sample with the checkpoint's raw 'generator' weights even when it has 'generator_ema'")
     opts.add_argument("--json", action="store_true", help="print the results as one JSON object")
     opts.add_argument("--quiet", action="store_true", help="no progress bars or notes on stderr")
 
@@ -1425,7 +1237,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="TorchScript feature extractor, called as i3d(x, **I3D_KWARGS) with x float32 "
                             "(N, 3, T, S, S), RGB in [-1, 1], T = --frames, S = --i3d-size, frames resized "
                             "bilinearly; must return (N, D) features (a tuple's first item is used)")
-    group.add_argument("--i3d-size", type=_positive_int, default=224, help="frame size fed to I3D (default 224)")
+    group.add_argument("--i3d-size", type=positive_int, default=224, help="frame size fed to I3D (default 224)")
     group.add_argument("--i3d-kwargs", type=_json_object, default={}, metavar="JSON",
                        help="extra keyword arguments for the call, e.g. "
                             "'{\"rescale\": false, \"resize\": false, \"return_features\": true}'")
@@ -1437,10 +1249,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "written here (default stats/<folder>_<feature>_<frames>f.npz)")
     group.add_argument("--real-videos", metavar="DIR",
                        help="folder of real videos (e.g. UCF-101/), first --frames frames of each")
-    group.add_argument("--max-real", type=_positive_int, default=None,
+    group.add_argument("--max-real", type=positive_int, default=None,
                        help="use a random subset of this many real videos (default all)")
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
+        prog="evaluate.py",
         description="Inception Score / FID (C3D, UCF-101) and FVD (I3D) of a TGANv2 checkpoint or a folder of videos.",
         epilog="Errors about missing or malformed files are printed as one line with exit status 1.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{is,fid,fvd,digits}")
@@ -1450,11 +1263,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("fvd", [common, i3d, real], 1, "FVD: Fréchet distance of I3D features to the real statistics"),
     ):
         cmd = sub.add_parser(name, parents=parents, help=help_text, description=help_text)
-        cmd.add_argument("--repeats", type=_positive_int, default=None,
+        cmd.add_argument("--repeats", type=positive_int, default=None,
                          help=f"fresh sample sets drawn from --checkpoint, reported as mean ± std (default {repeats}); "
                               "a --videos folder is scored once")
         if name == "is":
-            cmd.add_argument("--splits", type=_positive_int, default=1,
+            cmd.add_argument("--splits", type=positive_int, default=1,
                              help="splits per sample set; the score's std is over all splits of all repeats (default 1)")
     add_digits_parser(sub)
     return parser
@@ -1469,13 +1282,13 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     metric = {"is": "IS", "fid": "FID", "fvd": "FVD"}[args.command]
     # cheap checks first: the C3D weights take a while to load
     if args.checkpoint:
-        gen, ckpt = load_generator(args.checkpoint, device)
+        gen, ckpt, weights = load_generator(args.checkpoint, device, args.ema)
         if args.level is not None and args.level > gen.n_levels:
             raise InputError(f"--level {args.level}: the generator has levels 1..{gen.n_levels}")
     else:
         if args.level is not None:
             raise InputError("--level applies to --checkpoint only")
-        paths = find_videos(args.videos)[: args.n_samples]
+        paths = video_paths(args.videos)[: args.n_samples]
     if args.command != "is" and not (args.real_stats or args.real_videos):
         raise InputError(f"{metric} needs real statistics: pass --real-videos DIR or --real-stats FILE")
     models = EvalModels(device=device)
@@ -1498,14 +1311,15 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         result = evaluate_generator(gen, models, n_samples=args.n_samples or 2048, repeats=repeats,
                                     splits=splits, batch_size=args.batch_size, n_frames=args.frames,
                                     level=args.level, seed=args.seed, progress=progress)
-        result["source"], result["iteration"] = str(args.checkpoint), ckpt.get("iteration")
+        result.update(source=str(args.checkpoint), iteration=ckpt.get("iteration"), weights=weights)
     else:
         if (args.repeats or 1) > 1 and progress:
             print(f"note: a folder is scored once; --repeats {args.repeats} ignored", file=sys.stderr)
         result = evaluate_videos(paths, models, splits=splits, batch_size=args.batch_size, n_frames=args.frames,
                                  square_crop=args.square_crop, workers=args.workers, progress=progress)
         result["source"] = str(args.videos)
-    keep = {metric, f"{metric}_std", f"{metric}_runs", "n_samples", "repeats", "splits", "skipped", "source", "iteration"}
+    keep = {metric, f"{metric}_std", f"{metric}_runs", "n_samples", "repeats", "splits", "skipped", "source", "iteration",
+            "weights"}
     return {"metric": metric, **{k: v for k, v in result.items() if k in keep}}
 
 
@@ -1530,9 +1344,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = run(args)
-    except InputError as err:
-        print(f"evaluate.py: error: {err}", file=sys.stderr)
-        return 1
+    except (InputError, OSError) as err:  # bad input, or a full or read-only disk while caching statistics
+        return report_error("evaluate.py", err)
     text = format_digits(result) if args.command == "digits" else format_result(result)
     print(json.dumps(result) if args.json else text)
     return 0

@@ -1,6 +1,7 @@
-"""Sample videos from a trained TGANv2 generator checkpoint.
+"""Sample videos from a trained TGANv2 generator: a training checkpoint or a G-only snapshot.
 
     python generate.py --checkpoint runs/movingmnist/checkpoint.pt --n 16 --frames 32 --out samples/
+    python generate.py --checkpoint runs/movingmnist/snapshots/snapshot_004000.pt --out samples/
 
 writes ``samples/video_0000.gif`` ... ``video_0015.gif`` and ``samples/grid.gif``.  Generation is
 dense (every frame of every sample, BatchNorm running statistics) at the chosen level; asking for
@@ -16,21 +17,29 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from evaluate import InputError, generated_batches, load_generator, sample_classes
-from utils import make_grid, pick_device, to_uint8, write_video
+from models import generated_batches, load_generator, sample_classes
+from utils import (InputError, OneLineArgumentParser, make_grid, pick_device, positive_float, positive_int,
+                   prepare_output_folder, report_error, to_uint8, write_video)
 
 FORMATS = ("gif", "mp4", "png", "npy")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Write videos sampled from a TGANv2 generator checkpoint, one file each plus a grid.",
-        epilog="Errors (missing checkpoint, bad values) are printed as one line with exit status 1.")
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="training checkpoint (checkpoint.pt)")
-    parser.add_argument("--n", type=int, default=16, help="number of videos (default 16)")
-    parser.add_argument("--frames", type=int, default=None,
+    parser = OneLineArgumentParser(
+        prog="generate.py",
+        description="Write videos sampled from a TGANv2 generator checkpoint or snapshot, one file each plus a grid.",
+        epilog="Errors (a missing checkpoint, a bad value) are one line: 'generate.py: error: ...', exit status 1 "
+               "(2 for a malformed flag).")
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT",
+                        help="training checkpoint (OUT/checkpoint.pt) or G-only snapshot "
+                             "(OUT/snapshots/snapshot_XXXXXX.pt); a checkpoint's EMA weights are used when it has "
+                             "them (see --no-ema)")
+    parser.add_argument("--no-ema", dest="ema", action="store_false",
+                        help="sample with a checkpoint's raw 'generator' weights even when it has 'generator_ema'")
+    parser.add_argument("--n", type=positive_int, default=16, help="number of videos (default 16)")
+    parser.add_argument("--frames", type=positive_int, default=None,
                         help="frames per video (default: the training length); longer works")
-    parser.add_argument("--level", type=int, default=None,
+    parser.add_argument("--level", type=positive_int, default=None,
                         help="level to render, 1 (coarsest) .. L (default L, full resolution)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents z (default 0)")
     parser.add_argument("--class", dest="class_", metavar="NAME|ID",
@@ -41,24 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="samples", metavar="DIR", help="output folder (default samples/)")
     parser.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True,
                         help="also write grid.<format> tiling the first --grid-n videos (default on)")
-    parser.add_argument("--grid-n", type=int, default=64, help="videos in the grid (default 64)")
-    parser.add_argument("--nrow", type=int, default=None, help="videos per grid row (default ceil(sqrt(grid size)))")
-    parser.add_argument("--fps", type=float, default=8.0, help="frames per second of gif/mp4 (default 8)")
-    parser.add_argument("--batch-size", type=int, default=32, help="videos generated per forward pass (default 32)")
+    parser.add_argument("--grid-n", type=positive_int, default=64, help="videos in the grid (default 64)")
+    parser.add_argument("--nrow", type=positive_int, default=None,
+                        help="videos per grid row (default ceil(sqrt(grid size)))")
+    parser.add_argument("--fps", type=positive_float, default=8.0, help="frames per second of gif/mp4 (default 8)")
+    parser.add_argument("--batch-size", type=positive_int, default=32,
+                        help="videos generated per forward pass (default 32)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     return parser
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Reject out-of-range values with one clear message (before loading anything)."""
-    for name in ("n", "frames", "grid_n", "nrow", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.level is not None and args.level < 1:
-        raise InputError(f"--level must be >= 1, got {args.level}")
-    if not args.fps > 0:
-        raise InputError(f"--fps must be > 0, got {args.fps}")
 
 
 def resolve_class(spec: Optional[str], classes: Optional[Sequence[str]]) -> Optional[int]:
@@ -103,19 +102,24 @@ def save_one(frames: np.ndarray, path: Path, fps: float) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        check_args(args)
         device = pick_device(args.device)
-        gen, ckpt = load_generator(args.checkpoint, device)
+        gen, ckpt, weights = load_generator(args.checkpoint, device, args.ema)
         if args.level is not None and args.level > gen.n_levels:
             raise InputError(f"--level {args.level}: the generator has levels 1..{gen.n_levels}")
         classes = ckpt.get("config", {}).get("classes")
         class_id = resolve_class(args.class_, classes)
-    except InputError as err:
-        print(f"generate.py: error: {err}", file=sys.stderr)
-        return 1
+        out = prepare_output_folder(args.out)
+        written = write_samples(args, gen, class_id, classes, out)
+    except (InputError, OSError) as err:  # bad input, or a full or read-only disk while writing
+        return report_error("generate.py", err)
+    print(f"wrote {written} to {out} (iteration {ckpt.get('iteration', '?')} of {args.checkpoint}, {weights})")
+    return 0
+
+
+def write_samples(args: argparse.Namespace, gen: torch.nn.Module, class_id: Optional[int],
+                  classes: Optional[Sequence[str]], out: Path) -> str:
+    """Write the videos and the grid ``args`` asks for into ``out``; returns what was written, in words."""
     n_frames = args.frames or gen.cfg.n_frames
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     grid_videos = []
     index = 0
     for videos in sample(gen, args.n, n_frames, args.level, args.seed, args.batch_size, class_id):
@@ -131,8 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         nrow = args.nrow or math.ceil(math.sqrt(len(grid)))
         save_one(make_grid(grid, nrow), out / f"grid.{args.format}", args.fps)
         written += f" and grid.{args.format}"
-    print(f"wrote {written} to {out} (iteration {ckpt.get('iteration', '?')} of {args.checkpoint})")
-    return 0
+    return written
 
 
 if __name__ == "__main__":

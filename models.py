@@ -1,4 +1,5 @@
-"""TGANv2 networks: ConvLSTM, the multi-level sparse generator and the 3-D ResNet discriminators.
+"""TGANv2 networks: ConvLSTM, the multi-level sparse generator and the 3-D ResNet discriminators; the
+real-data pyramid the discriminators compare against; loading a trained generator and sampling it.
 
 Tensor layout conventions used throughout the repository:
 
@@ -8,13 +9,16 @@ Tensor layout conventions used throughout the repository:
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, asdict, field
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from utils import InputError, first_line, load_checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # Presets (docs/METHOD.md, 'Presets')
@@ -308,26 +312,29 @@ class RenderHead(nn.Module):
         return torch.tanh(self.conv(F.relu(normalize(self.bn, x, labels))))
 
 
-def subsample(x: torch.Tensor, frame_stride: int, batch_stride: int, time_dim: int,
+def subsample(x: torch.Tensor, subsample_frames: int, subsample_batch: int, time_dim: int,
               offset: Optional[int] = None, offset_per_sample: bool = False) -> torch.Tensor:
-    """Keep every ``frame_stride``-th frame from a random offset and every ``batch_stride``-th sample.
+    """Keep every ``subsample_frames``-th frame from a random offset and every ``subsample_batch``-th sample.
 
-    ``x`` has the batch on dim 0 and time on ``time_dim``.  Exactly ``T // frame_stride`` frames
-    are kept whatever the offset, so shapes never depend on the random draw.  The offset is drawn
-    from ``[0, frame_stride)`` with the global generator of ``x``'s device unless given: one for the
+    The two strides are one level transition's entries of ``--subsample-frames`` and
+    ``--subsample-batch`` (``ModelConfig.subsample_frames``, ``.subsample_batch``).  ``x`` has the
+    batch on dim 0 and time on ``time_dim``.  Exactly ``T // subsample_frames`` frames are kept
+    whatever the offset, so shapes never depend on the random draw.  The offset is drawn from
+    ``[0, subsample_frames)`` with the global generator of ``x``'s device unless given: one for the
     whole batch (the generator's layers), or one per sample with ``offset_per_sample`` (real clips,
     as the authors' data pipeline does).
     """
-    kept = x.shape[time_dim] // frame_stride
+    kept = x.shape[time_dim] // subsample_frames
     if kept < 1:
-        raise ValueError(f"cannot subsample {x.shape[time_dim]} frames with stride {frame_stride}")
-    x = x[::batch_stride]
-    if frame_stride == 1:
+        raise ValueError(f"cannot subsample {x.shape[time_dim]} frames with stride {subsample_frames}")
+    x = x[::subsample_batch]
+    if subsample_frames == 1:
         return x
     if offset is None:
         # A device tensor, not a Python int: no host sync, and one compiled graph for every offset.
-        offset = torch.randint(frame_stride, (x.shape[0] if offset_per_sample else 1,), device=x.device)
-    frames = torch.as_tensor(offset, device=x.device).view(-1, 1) + frame_stride * torch.arange(kept, device=x.device)
+        offset = torch.randint(subsample_frames, (x.shape[0] if offset_per_sample else 1,), device=x.device)
+    frames = (torch.as_tensor(offset, device=x.device).view(-1, 1)
+              + subsample_frames * torch.arange(kept, device=x.device))
     if frames.shape[0] == 1:
         return x.index_select(time_dim, frames[0])
     index_shape = [1] * x.dim()
@@ -335,15 +342,35 @@ def subsample(x: torch.Tensor, frame_stride: int, batch_stride: int, time_dim: i
     return torch.take_along_dim(x, frames.view(index_shape), dim=time_dim)
 
 
+def real_pyramid(x: torch.Tensor, subsample_frames: Sequence[int], subsample_batch: Sequence[int],
+                 labels: Optional[torch.Tensor] = None):
+    """The real counterpart of the generator's renders (docs/METHOD.md, 'Real-data pyramid').
+
+    ``x``: full-resolution clips ``(N, C, T, H, W)``.  Level ``l`` (1-based, ``L`` levels) is the
+    clip after ``l - 1`` rounds of :func:`subsample` (a random frame offset per clip), average-pooled
+    spatially by ``2 ** (L - l)``.  Returns ``[x1, ..., xL]`` (and the labels of every level, subsampled
+    with the same batch strides, when ``labels`` is given).
+    """
+    n_levels = len(subsample_frames) + 1
+    levels = []
+    for level in range(n_levels):
+        if level > 0:
+            x = subsample(x, subsample_frames[level - 1], subsample_batch[level - 1], time_dim=2,
+                          offset_per_sample=True)
+        factor = 2 ** (n_levels - 1 - level)
+        levels.append(F.avg_pool3d(x, (1, factor, factor)) if factor > 1 else x.contiguous())
+    return (levels, level_labels(labels, subsample_batch)) if labels is not None else levels
+
+
 def unfold_time(x: torch.Tensor, n: int) -> torch.Tensor:
     """``(N * T, C, H, W)`` frames to ``(N, C, T, H, W)`` videos."""
     return x.view(n, -1, *x.shape[1:]).transpose(1, 2)
 
 
-def level_labels(labels: Optional[torch.Tensor], batch_strides: Sequence[int]) -> list:
+def level_labels(labels: Optional[torch.Tensor], subsample_batch: Sequence[int]) -> list:
     """Class labels ``(N,)`` of every level after the cumulative batch strides (``None`` stays ``None``)."""
     out = [labels]
-    for stride in batch_strides:
+    for stride in subsample_batch:
         out.append(None if out[-1] is None else out[-1][::stride])
     return out
 
@@ -356,8 +383,8 @@ def frame_labels(labels: Optional[torch.Tensor], n_frames: int) -> Optional[torc
 class Generator(nn.Module):
     """Multi-level TGANv2 generator.
 
-    ``forward(z)`` trains sparsely: between levels it keeps every ``s_f``-th frame (random offset)
-    and every ``s_b``-th sample, and returns one render per level, level ``l`` shaped
+    ``forward(z)`` trains sparsely: between levels it keeps every ``subsample_frames[l]``-th frame
+    (random offset) and every ``subsample_batch[l]``-th sample, and returns one render per level, level ``l`` shaped
     ``(N_l, C, T_l, H_l, W_l)``.  ``generate(z, n_frames, level)`` renders densely.  A conditional
     generator (``cfg.n_classes > 0``) also takes ``labels`` ``(N,)``, which steer every BatchNorm.
     """
@@ -420,27 +447,27 @@ class Generator(nn.Module):
         self,
         z: torch.Tensor,
         n_frames: Optional[int] = None,
-        frame_strides: Optional[Sequence[int]] = None,
-        batch_strides: Optional[Sequence[int]] = None,
+        subsample_frames: Optional[Sequence[int]] = None,
+        subsample_batch: Optional[Sequence[int]] = None,
         labels: Optional[torch.Tensor] = None,
     ) -> List[torch.Tensor]:
         """Render all levels, subsampling between them (sparse training).
 
         Pass strides of 1 (see :meth:`naive`) to render every level densely.  Returns
         ``[x1, ..., xL]`` with ``x_l`` of shape ``(N_l, C, T_l, H_l, W_l)``; the labels of level
-        ``l`` are ``level_labels(labels, batch_strides)[l - 1]``.
+        ``l`` are ``level_labels(labels, subsample_batch)[l - 1]``.
         """
         self._check_labels(z, labels)
         n_frames = n_frames or self.cfg.n_frames
-        frame_strides = self.cfg.subsample_frames if frame_strides is None else frame_strides
-        batch_strides = self.cfg.subsample_batch if batch_strides is None else batch_strides
+        subsample_frames = self.cfg.subsample_frames if subsample_frames is None else subsample_frames
+        subsample_batch = self.cfg.subsample_batch if subsample_batch is None else subsample_batch
         n, t = z.shape[0], n_frames
         h = self.frames(z, n_frames, labels)
         renders = [unfold_time(self.renders[0](h, frame_labels(labels, t)), n)]
-        per_level = level_labels(labels, batch_strides)
-        for level, (block, head, s_f, s_b) in enumerate(
-                zip(self.level_blocks, self.renders[1:], frame_strides, batch_strides), start=1):
-            h = subsample(h.view(n, t, *h.shape[1:]), s_f, s_b, time_dim=1)
+        per_level = level_labels(labels, subsample_batch)
+        for level, (block, head) in enumerate(zip(self.level_blocks, self.renders[1:]), start=1):
+            h = subsample(h.view(n, t, *h.shape[1:]), subsample_frames[level - 1], subsample_batch[level - 1],
+                          time_dim=1)
             n, t = h.shape[0], h.shape[1]
             per_frame = frame_labels(per_level[level], t)
             h = block(h.reshape(n * t, *h.shape[2:]), per_frame)
@@ -470,6 +497,87 @@ class Generator(nn.Module):
         for block in self.level_blocks[: level - 1]:
             h = block(h, per_frame)
         return unfold_time(self.renders[level - 1](h, per_frame), z.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling a generator: from a checkpoint or snapshot, latents and classes from a seeded RNG
+# ---------------------------------------------------------------------------------------------
+
+
+def load_generator(path, device="cpu", ema: bool = True) -> Tuple[Generator, dict, str]:
+    """Rebuild the generator of a training checkpoint or of a G-only snapshot, in eval mode.
+
+    Both hold ``generator`` and ``config``; a full checkpoint may also hold ``generator_ema``, which
+    is used when ``ema`` (a snapshot's ``generator`` already is the EMA copy when its ``ema`` is
+    true).  Entries the EMA copy lacks come from ``generator``.  Returns ``(generator, checkpoint,
+    name of the weights used)``; a missing, unreadable or foreign file raises a one-line
+    :class:`utils.InputError` naming ``path``.
+    """
+    try:
+        ckpt = load_checkpoint(path, map_location=device)
+        if "generator" not in ckpt or "config" not in ckpt:
+            raise KeyError("not a TGANv2 checkpoint or snapshot (no 'generator'/'config' entry)")
+        gen = Generator(ModelConfig(**ckpt["config"]["model"])).to(device)
+        use_ema = ema and "generator_ema" in ckpt
+        weights = "generator_ema" if use_ema or ckpt.get("ema") else "generator"
+        load_weights(gen, {**ckpt["generator"], **ckpt["generator_ema"]} if use_ema else ckpt["generator"], weights)
+    except (FileNotFoundError, KeyError, RuntimeError, TypeError, ValueError) as err:
+        message = first_line(err)
+        raise InputError(message if str(path) in message else f"{path}: {message}") from None
+    return gen.eval(), ckpt, weights
+
+
+@contextmanager
+def sampling_mode(gen: nn.Module, bn_mode: str = "eval"):
+    """``gen`` in eval mode for sampling; with ``bn_mode="train"`` its BatchNorm layers use batch statistics.
+
+    On exit every module's mode and every BatchNorm's running statistics are as they were (batch
+    statistics would otherwise update them).  Under torchrun with ``--sync-bn``, ``"train"`` makes
+    the BatchNorm layers wait for the other processes: call it on every rank, or use ``"eval"``.
+    """
+    if bn_mode not in ("eval", "train"):
+        raise ValueError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
+    modes = [(module, module.training) for module in gen.modules()]
+    norms = [m for m in gen.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [[buffer.clone() for buffer in norm.buffers(recurse=False)] for norm in norms]
+    gen.eval()
+    if bn_mode == "train":
+        for norm in norms:
+            norm.train()
+    try:
+        yield gen
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        for norm, buffers in zip(norms, saved):
+            for buffer, value in zip(norm.buffers(recurse=False), buffers):
+                buffer.copy_(value)
+
+
+@torch.no_grad()
+def generated_batches(gen: nn.Module, n_samples: int, batch_size: int = 32, n_frames: int = 16,
+                      level: Optional[int] = None, rng: Optional[torch.Generator] = None,
+                      labels: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
+    """Dense samples of ``gen`` in batches ``(B, C, n_frames, H, W)`` in ``[-1, 1]``, ``n_samples`` in all.
+
+    ``labels`` ``(n_samples,)`` are the classes of a conditional generator (see :func:`sample_classes`).
+    """
+    device = next(gen.parameters()).device
+    for start in range(0, n_samples, batch_size):
+        z = gen.sample_z(min(batch_size, n_samples - start), device, generator=rng)
+        y = None if labels is None else labels[start : start + len(z)].to(device)
+        yield gen.generate(z, n_frames=n_frames, level=level, labels=y).clamp_(-1, 1)
+
+
+def sample_classes(gen: nn.Module, n_samples: int, rng: Optional[torch.Generator] = None,
+                   class_id: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Classes ``(n_samples,)`` for a conditional ``gen``: all ``class_id``, or uniformly drawn; ``None`` if unconditional."""
+    if not gen.cfg.n_classes:
+        return None
+    if class_id is not None:
+        return torch.full((n_samples,), class_id, dtype=torch.long)
+    device = next(gen.parameters()).device
+    return gen.sample_labels(n_samples, device, generator=rng).cpu()
 
 
 # ---------------------------------------------------------------------------------------------

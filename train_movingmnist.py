@@ -10,6 +10,7 @@ import torch
 
 import trainer
 from datasets import open_moving_mnist
+from models import PRESETS, model_config
 from utils import save_video_grid
 
 DEFAULTS = dict(
@@ -23,6 +24,7 @@ DEFAULTS = dict(
     subsample_batch=[1, 1, 1],
     sample_every=500,
     checkpoint_every=1000,
+    snapshot_every=1000,
     workers=2,
     sample_grid=8,
 )
@@ -47,8 +49,8 @@ def genSamples(gen, z, iteration, out_dir, labels=None, n_frames=16):
     return save_video_grid(videos, Path(out_dir) / "samples" / f"iter_{iteration:06d}.gif", nrow=nrow)
 
 
-def open_dataset(args):
-    dataset = open_moving_mnist(args.data, args.n_frames)
+def open_dataset(config):
+    dataset = open_moving_mnist(config.data, config.n_frames)
     return dataset, f"{type(dataset).__name__}: {getattr(dataset, 'path', 'procedural')}"
 
 
@@ -57,8 +59,16 @@ CPU_QUICK_START = ("python train_movingmnist.py --batch-size 8 --iterations 1500
                    "--out runs/quickstart")
 
 
+def build_parser():
+    """The training flags that apply to Moving MNIST: no class labels, no UCF-101 metrics, 64-px one-channel presets."""
+    presets = [name for name, cfg in ((n, model_config(n)) for n in PRESETS)
+               if cfg.out_channels == 1 and cfg.resolutions[-1] == 64]
+    return trainer.build_parser(DESCRIPTION, DEFAULTS, prog="train_movingmnist.py", presets=presets,
+                                conditional=False, video_metrics=False)
+
+
 def main(argv=None):
-    return trainer.main(DESCRIPTION, DEFAULTS, open_dataset, genSamples, argv, quick_start=CPU_QUICK_START)
+    return trainer.main(build_parser(), open_dataset, genSamples, argv, quick_start=CPU_QUICK_START)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,11 @@ import torch
 import trainer
 from datasets import (VIDEO_EXTENSIONS, list_ucf101, list_video_folder, open_video_dataset, prepare_frame_cache,
                       video_dataset_kind)
-from utils import save_video_grid
+from utils import OneLineArgumentParser, report_error, save_video_grid
 
 # The paper's run (docs/METHOD.md, 'Presets'): 192 px, batch 32 per GPU, 100k iterations (lambda 0.5 and Adam 1e-4
-# (0.0, 0.9) come from trainer.SHARED_DEFAULTS), learning rates decaying linearly to 0 from iteration 0, frame strides 2,2,2.
+# (0.0, 0.9) come from trainer.TrainConfig and its recipe), learning rates decaying linearly to 0 from iteration 0,
+# frame strides 2,2,2.
 DEFAULTS = dict(
     preset="paper",
     data="UCF-101",
@@ -32,6 +33,7 @@ DEFAULTS = dict(
     subsample_batch=[1, 1, 1],
     sample_every=1000,
     checkpoint_every=1000,
+    snapshot_every=10000,
     workers=min(8, os.cpu_count() or 1),
     sample_grid=6,
     resolution=192,
@@ -82,20 +84,24 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output frame size R: frames resized to R x 4R/3, R x R crops, model rescaled to match")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Every training flag, plus the data flags of UCF-101 and video folders."""
+    parser = trainer.build_parser(DESCRIPTION, DEFAULTS, prog="train_ucf101.py")
     add_data_arguments(parser)
-    parser.add_argument("--cache", metavar="DIR", help="read frames from a cache built by `prepare` instead of decoding")
+    parser.add_argument("--cache", metavar="DIR",
+                        help="read frames from a cache built by `prepare` instead of decoding")
+    return parser
 
 
-def open_dataset(args):
-    dataset = open_video_dataset(args.data, args.dataset, args.fold, args.split, args.splits, args.n_frames,
-                                 args.resolution, args.cache, return_label=args.conditional)
+def open_dataset(config):
+    dataset = open_video_dataset(config.data, config.dataset, config.fold, config.split, config.splits, config.n_frames,
+                                 config.resolution, config.cache, return_label=config.conditional)
     return dataset, dataset.describe()
 
 
 def prepare(argv=None) -> dict:
     """``train_ucf101.py prepare``: decode the videos once into a frame cache (resumable)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="train_ucf101.py prepare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Decode every video of --data once, resized for --resolution, into --cache DIR "
                     "(DIR/frames.u8, memory-mapped uint8 frames, and DIR/index.json). Interrupted runs resume "
@@ -113,9 +119,8 @@ def prepare(argv=None) -> dict:
         else:
             paths = list_video_folder(args.data)[0]
         index = prepare_frame_cache(args.data, paths, args.cache, args.resolution, args.workers)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1)
+    except (ValueError, OSError) as err:
+        raise SystemExit(report_error(parser.prog, err))
     except KeyboardInterrupt:
         print(f"interrupted: {args.cache} keeps the videos done so far; run the same command to resume", file=sys.stderr)
         raise SystemExit(130)
@@ -128,7 +133,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["prepare"]:
         return prepare(argv[1:])
-    return trainer.main(DESCRIPTION, DEFAULTS, open_dataset, genSamples, argv, add_arguments)
+    return trainer.main(build_parser(), open_dataset, genSamples, argv)
 
 
 if __name__ == "__main__":

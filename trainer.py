@@ -1,31 +1,38 @@
 """The one TGANv2 training loop shared by ``train_movingmnist.py`` and ``train_ucf101.py``.
 
 A train script supplies its defaults, a function that opens its dataset and its ``genSamples``;
-everything else (flags, the GAN update, logging, samples, checkpoints, resume) lives here.
+everything else (settings, flags, the GAN update, logging, samples, checkpoints, resume) lives here.
 """
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
+import os
 import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets import ResumableBatchSampler, real_pyramid, to_unit_range
+from datasets import ResumableBatchSampler, to_unit_range
 from models import (PRESETS, ModelConfig, build_models, convert_sync_batchnorm, count_parameters, level_labels,
-                    load_weights, model_config)
-from utils import (all_reduce_mean_, append_jsonl, average_gradients, broadcast_module, discriminator_loss,
-                   generator_loss, get_rng_state, init_distributed, load_checkpoint, previous_checkpoint_path,
-                   r1_penalty, resolve_amp, save_checkpoint, seed_everything, set_rng_state, write_json)
-
+                    load_weights, model_config, real_pyramid, sampling_mode)
+from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoardLog, all_reduce_mean_,
+                   append_jsonl, average_gradients, broadcast_module, describe_os_error, discriminator_loss,
+                   generator_loss, get_rng_state, init_distributed, int_list, last_good_checkpoint, load_checkpoint,
+                   non_negative_float, non_negative_int, nonfinite_entries, positive_float, positive_int,
+                   prepare_output_folder, previous_checkpoint_path, r1_penalty, report_error, resolve_amp,
+                   save_checkpoint, seed_everything, set_rng_state, temporary_checkpoint_path, tensorboard_available,
+                   unit_interval, write_json)
 # Flags that define the experiment: on --resume they come from the checkpoint, not the command line.
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
                    "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
@@ -45,59 +52,122 @@ RECIPES = {
 
 
 class TrainingDiverged(RuntimeError):
-    """A loss became NaN or infinite."""
+    """A loss or a weight became NaN or infinite."""
 
 
-def int_list(text: str) -> List[int]:
-    """``"2,2,2"`` -> ``[2, 2, 2]`` (argparse type)."""
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,2,2, got {text!r}") from None
+def apply_recipe(config) -> None:
+    """Fill every recipe-controlled setting left unset (``None``) from ``RECIPES[config.recipe]``."""
+    for key, value in RECIPES[config.recipe].items():
+        if getattr(config, key, None) is None:
+            setattr(config, key, value)
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; the defaults are the ones both train scripts share.
+
+    The scripts build it from their flags (``--help`` explains each; a script's own defaults override
+    these), ``--config RUN/config.json`` from an earlier run's file, benchmark.py and the tests
+    directly.  Settings marked *recipe* that are left at ``None`` come from ``RECIPES[recipe]``.
+    """
+
+    # The experiment: a resume takes these from the checkpoint (EXPERIMENT_KEYS).
+    preset: str = "movingmnist"
+    n_frames: int = 16
+    batch_size: int = 32
+    iterations: int = 10000
+    recipe: str = "tuned"
+    lr_g: Optional[float] = None  # recipe
+    lr_d: Optional[float] = None  # recipe
+    beta1: Optional[float] = None  # recipe
+    beta2: Optional[float] = None  # recipe
+    ema_decay: Optional[float] = None  # recipe
+    r1_every: Optional[int] = None  # recipe
+    lstm_forget_bias: Optional[float] = None  # recipe
+    content_skip: Optional[bool] = None  # recipe
+    amp: Optional[str] = None  # recipe: "auto", "none" or "bf16"
+    gp_weight: float = 0.5
+    lr_decay_start: int = -1
+    subsample_frames: List[int] = field(default_factory=lambda: [2, 2, 2])
+    subsample_batch: List[int] = field(default_factory=lambda: [1, 1, 1])
+    seed: int = 0
+    conditional: bool = False
+    sync_bn: bool = True
+    # The data (resolution .. cache: video datasets, train_ucf101.py).
+    data: str = "auto"
+    resolution: Optional[int] = None
+    dataset: Optional[str] = None
+    fold: Optional[int] = None
+    split: Optional[str] = None
+    splits: Optional[str] = None
+    cache: Optional[str] = None
+    # The run.
+    out: str = "runs/movingmnist"
+    resume: Optional[str] = None
+    device: str = "auto"
+    compile: bool = False
+    channels_last: bool = True
+    workers: int = 2
+    log_every: int = 10
+    sample_every: int = 500
+    sample_grid: int = 8
+    checkpoint_every: int = 1000
+    snapshot_every: int = 1000
+    tensorboard: Optional[bool] = None  # None: on when the tensorboard package is installed
+    # Evaluation during training (UCF-101 metrics).
+    eval_every: int = 0
+    eval_samples: int = 2048
+    c3d_weights: Optional[str] = None
+    c3d_mean: Optional[str] = None
+    i3d: Optional[str] = None
+    i3d_stats: Optional[str] = None
+
+    def __post_init__(self):
+        apply_recipe(self)
 
 
-# Defaults every script shares: the paper's optimisation (docs/METHOD.md, 'Training step') and run-time settings.
-# The scripts set the rest (preset, data, iterations, batch, strides, schedule, intervals).
-SHARED_DEFAULTS = dict(n_frames=16, gp_weight=0.5, recipe="tuned", log_every=10, seed=0, device="auto",
-                       compile=False, channels_last=True, conditional=False, sync_bn=True, eval_every=0,
-                       eval_samples=2048, snapshot_every=0)
+def default_settings() -> dict:
+    """:class:`TrainConfig`'s field defaults, the recipe's settings still ``None`` (filled after parsing)."""
+    return {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(TrainConfig)}
 
 
-def apply_recipe(args) -> None:
-    """Fill every recipe-controlled flag the user left unset (``None``) from ``RECIPES[args.recipe]``."""
-    for key, value in RECIPES[args.recipe].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+# What --config RUN/config.json does not take from the earlier run: where to write, and the machine.
+NOT_FROM_CONFIG = ("out", "resume", "device")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the scripts' example lines as written and shows every flag's default."""
 
 
-def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
-    """The flags both train scripts share, with the script's ``defaults`` applied."""
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="network sizes (table in docs/METHOD.md, 'Presets')")
+def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[Sequence[str]] = None,
+                 conditional: bool = True, video_metrics: bool = True) -> argparse.ArgumentParser:
+    """The training flags, with :class:`TrainConfig`'s defaults overridden by the script's ``defaults``.
+
+    ``presets`` limits ``--preset`` to the networks that fit the script's data; ``conditional``
+    offers ``--conditional`` (labelled datasets); ``video_metrics`` offers ``--eval-every`` with the
+    C3D (IS) and I3D (FVD) files.  A script without them still gets their :class:`TrainConfig` defaults.
+    """
+    p = OneLineArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    p.add_argument("--config", metavar="JSON",
+                   help="rerun an experiment: every setting from an earlier run's OUT/config.json except "
+                        f"{', '.join('--' + k for k in NOT_FROM_CONFIG)}; flags given here override it")
+    p.add_argument("--preset", choices=sorted(presets or PRESETS),
+                   help="network sizes (table in docs/METHOD.md, 'Presets')")
     p.add_argument("--data", help="where the training videos come from (see the script's description)")
-    p.add_argument("--out", help="run folder: config.json, metrics.jsonl, samples/, checkpoint.pt")
+    p.add_argument("--out", help="run folder: config.json, metrics.jsonl, samples/, checkpoint.pt, snapshots/, "
+                                 "tensorboard/")
     p.add_argument("--iterations", type=positive_int, help="total training iterations (one G and one D update each)")
     p.add_argument("--batch-size", type=positive_int, help="clips per iteration (per process under torchrun)")
     p.add_argument("--n-frames", type=positive_int, help="frames per training clip (T)")
     p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="training recipe: 'paper' is the authors' exactly (fp32, no EMA); 'tuned' is this project's "
                         "default, measured to learn faster per unit of compute; the flags marked 'recipe' override it")
-    p.add_argument("--lr-g", type=float, help="Adam learning rate of the generator (recipe)")
-    p.add_argument("--lr-d", type=float, help="Adam learning rate of the discriminators (recipe)")
-    p.add_argument("--beta1", type=float, help="Adam beta1 for both networks (recipe)")
-    p.add_argument("--beta2", type=float, help="Adam beta2 for both networks (recipe)")
-    p.add_argument("--ema-decay", type=float,
+    p.add_argument("--lr-g", type=positive_float, help="Adam learning rate of the generator (recipe)")
+    p.add_argument("--lr-d", type=positive_float, help="Adam learning rate of the discriminators (recipe)")
+    p.add_argument("--beta1", type=unit_interval, help="Adam beta1 for both networks (recipe)")
+    p.add_argument("--beta2", type=unit_interval, help="Adam beta2 for both networks (recipe)")
+    p.add_argument("--ema-decay", type=unit_interval,
                    help="exponential moving average of G's weights for samples, snapshots and evaluation; "
                         "0 = off (recipe)")
     p.add_argument("--r1-every", type=positive_int,
@@ -105,7 +175,8 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     p.add_argument("--lstm-forget-bias", type=float, help="initial bias of the ConvLSTM's forget gate (recipe)")
     p.add_argument("--content-skip", action=argparse.BooleanOptionalAction,
                    help="add z's projection to every ConvLSTM output, so every frame sees the latent (recipe)")
-    p.add_argument("--gp-weight", type=float, help="weight of the zero-centred R1 penalty on real data (lambda)")
+    p.add_argument("--gp-weight", type=non_negative_float,
+                   help="weight of the zero-centred R1 penalty on real data (lambda)")
     p.add_argument("--lr-decay-start", type=int,
                    help="iteration from which both learning rates decay linearly to 0 at --iterations; -1 = constant")
     p.add_argument("--subsample-frames", type=int_list,
@@ -114,11 +185,15 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
                    help="batch stride between consecutive levels, comma-separated (1 = keep every sample)")
     p.add_argument("--sample-every", type=positive_int, help="write a GIF sample grid every N iterations")
     p.add_argument("--checkpoint-every", type=positive_int, help="write OUT/checkpoint.pt every N iterations")
-    p.add_argument("--snapshot-every", type=int,
+    p.add_argument("--snapshot-every", type=non_negative_int,
                    help="write a small G-only snapshot OUT/snapshots/snapshot_XXXXXX.pt every N iterations "
                         "(the EMA weights when --ema-decay > 0); 0 = never")
     p.add_argument("--log-every", type=positive_int,
-                   help="update the progress bar and metrics.jsonl every N iterations (the only host sync)")
+                   help="update the progress bar, metrics.jsonl and TensorBoard every N iterations (the only host "
+                        "sync)")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
+                   help="write TensorBoard events to OUT/tensorboard/ (losses, learning rates, speed, metrics, "
+                        "sample grids); default: on when the tensorboard package is installed")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue a run: from CKPT, or OUT/checkpoint.pt when given without a value")
     p.add_argument("--seed", type=int, help="seed of weights, latents, subsampling offsets and data order")
@@ -126,31 +201,65 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=["auto", "none", "bf16"],
                    help="bf16 autocast for the networks (losses and R1 stay fp32); auto = bf16 on GPUs that support "
                         "it and on CPUs with AVX512-BF16/AMX, else none (recipe)")
-    p.add_argument("--workers", type=int, help="DataLoader worker processes (0 = load in the main process)")
+    p.add_argument("--workers", type=non_negative_int,
+                   help="DataLoader worker processes (0 = load in the main process)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile G and the fake-data pass of D (R1's double backward stays eager)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="channels-last memory layout for the 2-D generator and the 3-D discriminators")
-    p.add_argument("--eval-every", type=int,
-                   help="every N iterations add IS (with --c3d-weights/--c3d-mean) and FVD (with --i3d/--i3d-stats) "
-                        "to metrics.jsonl; 0 = never")
+    if video_metrics:
+        add_evaluation_flags(p)
+    if conditional:
+        p.add_argument("--conditional", action="store_true",
+                       help="class-conditional TGANv2: categorical BatchNorm in G, a projection term in every D "
+                            "(needs a labelled dataset)")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
+                   help="under torchrun, compute the generator's BatchNorm statistics over all processes (as the "
+                        "authors did); no effect in a single process")
+    p.add_argument("--sample-grid", type=positive_int,
+                   help="samples are an N x N grid of videos from a fixed latent batch")
+    p.set_defaults(**{**default_settings(), **defaults})
+    return p
+
+
+def add_evaluation_flags(p: argparse.ArgumentParser) -> None:
+    """``--eval-every`` and the C3D (IS) and I3D (FVD) files it scores with."""
+    p.add_argument("--eval-every", type=non_negative_int,
+                   help="every N iterations add IS (with --c3d-weights/--c3d-mean) and FVD (with "
+                        "--i3d/--i3d-stats) to metrics.jsonl; 0 = never")
     p.add_argument("--eval-samples", type=positive_int, help="generated videos per evaluation (the protocol: 2048)")
     p.add_argument("--c3d-weights", metavar="NPZ", help="the authors' conv3d_deepnetA_ucf.npz (for IS)")
     p.add_argument("--c3d-mean", metavar="NPZ", help="the authors' mean2.npz (for IS)")
     p.add_argument("--i3d", metavar="PT", help="TorchScript I3D (for FVD)")
     p.add_argument("--i3d-stats", metavar="NPZ",
                    help="real-data I3D statistics for FVD, as cached by `evaluate.py fvd --real-videos DIR`")
-    p.add_argument("--conditional", action="store_true",
-                   help="class-conditional TGANv2: categorical BatchNorm in G, a projection term in every D "
-                        "(needs a labelled dataset)")
-    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
-                   help="under torchrun, compute the generator's BatchNorm statistics over all processes (as the "
-                        "authors did); no effect in a single process")
-    p.add_argument("--sample-grid", type=positive_int,
-                   help="samples are an N x N grid of videos from a fixed latent batch")
-    p.set_defaults(**SHARED_DEFAULTS)
-    p.set_defaults(**defaults)
-    return p
+
+
+def parse_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """Flags -> :class:`TrainConfig`; with ``--config FILE`` that run's settings are the defaults."""
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        parser.set_defaults(**read_run_settings(args.config, args.out))
+        args = parser.parse_args(argv)
+    settings = vars(args)
+    del settings["config"]
+    return TrainConfig(**settings)
+
+
+def read_run_settings(path, out) -> dict:
+    """The :class:`TrainConfig` settings of an earlier run's ``config.json``, less :data:`NOT_FROM_CONFIG`."""
+    path = Path(path)
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"--config {path}: not a readable JSON file ({err})") from None
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise InputError(f"--config {path}: not a run's config.json (no 'model' entry)")
+    if Path(out).resolve() == path.parent.resolve():
+        raise InputError(f"--config {path}: --out {out} is that run's own folder; pass a new --out "
+                         "(or --resume to continue that run)")
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - set(NOT_FROM_CONFIG)
+    return {k: v for k, v in saved.items() if k in names}
 
 
 def linear_decay(base_lr: float, iteration: int, start: int, total: int) -> float:
@@ -168,32 +277,31 @@ class Trainer:
     after each backward; each process's R1 term is a sum over its own batch (see the README).
     """
 
-    def __init__(self, cfg: ModelConfig, args, device: torch.device):
-        self.cfg, self.args, self.device = cfg, args, device
+    def __init__(self, cfg: ModelConfig, config: TrainConfig, device: torch.device):
+        self.cfg, self.config, self.device = cfg, config, device
         gen, dis = build_models(cfg)
-        if getattr(args, "sync_bn", False):
+        if config.sync_bn:
             convert_sync_batchnorm(gen)
-        self.channels_last = getattr(args, "channels_last", False)
+        self.channels_last = config.channels_last
         if self.channels_last:
             gen, dis = gen.to(memory_format=torch.channels_last), dis.to(memory_format=torch.channels_last_3d)
         self.gen, self.dis = gen.to(device), dis.to(device)
         # Compiled graphs do not support the double backward of R1, so D runs eagerly on real data.
-        compile_ = getattr(args, "compile", False)
-        self.gen_forward = torch.compile(self.gen) if compile_ else self.gen
-        self.dis_fake = torch.compile(self.dis) if compile_ else self.dis
-        adam = dict(betas=(args.beta1, args.beta2), eps=CHAINER_ADAM_EPS)
+        self.gen_forward = torch.compile(self.gen) if config.compile else self.gen
+        self.dis_fake = torch.compile(self.dis) if config.compile else self.dis
+        adam = dict(betas=(config.beta1, config.beta2), eps=CHAINER_ADAM_EPS)
         if device.type == "cuda":
             adam["fused"] = True  # one kernel for all parameters
             torch.backends.cudnn.benchmark = True  # fixed shapes: autotune every convolution once
-        self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=args.lr_g, **adam)
-        self.opt_d = torch.optim.Adam(self.dis.parameters(), lr=args.lr_d, **adam)
+        self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=config.lr_g, **adam)
+        self.opt_d = torch.optim.Adam(self.dis.parameters(), lr=config.lr_d, **adam)
         self.dis_params = list(self.dis.parameters())
-        self.ema_decay = getattr(args, "ema_decay", 0.0) or 0.0
-        self.r1_every = getattr(args, "r1_every", 1) or 1
+        self.ema_decay = config.ema_decay
+        self.r1_every = config.r1_every
         # The averaged generator: weights and BatchNorm statistics, never trained directly.
         self.gen_ema = copy.deepcopy(self.gen).requires_grad_(False).eval() if self.ema_decay > 0 else None
         self.iteration = 0
-        self.amp = resolve_amp(args.amp, device)
+        self.amp = resolve_amp(config.amp, device)
         bf16 = self.amp == "bf16"
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
 
@@ -204,7 +312,7 @@ class Trainer:
 
     def set_iteration(self, iteration: int) -> None:
         """Prepare the update of 0-based ``iteration``: learning rates, Adam's epsilon, the R1 schedule."""
-        a = self.args
+        a = self.config
         self.iteration = iteration
         # Chainer's eps on sqrt(v) before bias correction equals eps / sqrt(1 - beta2^t) after it.
         eps = CHAINER_ADAM_EPS / math.sqrt(1.0 - a.beta2 ** (iteration + 1)) if a.beta2 < 1 else CHAINER_ADAM_EPS
@@ -268,7 +376,7 @@ class Trainer:
         loss_d = loss_adv
         if with_r1:
             r1 = r1_penalty(y_real, real)
-            loss_d = loss_adv + self.args.gp_weight * self.r1_every * r1
+            loss_d = loss_adv + self.config.gp_weight * self.r1_every * r1
         else:
             r1 = torch.zeros((), device=loss_adv.device)
         self.opt_d.zero_grad(set_to_none=True)
@@ -301,30 +409,80 @@ class Trainer:
         return {"generator": self.sampler.state_dict(), "ema": self.gen_ema is not None}
 
 
-class StopRequest:
-    """Turns SIGTERM/SIGINT into a flag so the loop can finish its step, checkpoint and exit 0."""
+def any_rank(flag: bool, world_size: int, device) -> bool:
+    """Whether ``flag`` is true on any process (a collective call when ``world_size > 1``)."""
+    if world_size == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    all_reduce_mean_([value])
+    return bool(value.item() > 0)
 
-    def __init__(self):
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT into a flag so the loop can finish its step, checkpoint and exit 0.
+
+    Python runs signal handlers only between bytecodes, so a long torch op would delay them for
+    minutes.  A watcher thread therefore reads every signal from the interpreter's wakeup fd as it
+    arrives: a second one, ``REPEAT_AFTER_S`` or more after the first, ends the process at once
+    (exit 128 + signal number).  Saves are atomic, so that never leaves a partial checkpoint.
+    Closer repeats are the same request delivered twice (a terminal's Ctrl-C reaches torchrun and
+    its workers, and torchrun forwards it again), not a second request.
+    """
+
+    REPEAT_AFTER_S = 1.0
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, on_second: str = "the last checkpoint written is intact; continue with --resume"):
         self.signal_name: Optional[str] = None
+        self.on_second = on_second
 
     def __enter__(self):
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self._read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        self._write_fd = write_fd
+        self._old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, name="stop-request", daemon=True).start()
         return self
 
     def _handle(self, signum, frame):
-        if self.signal_name is not None:  # a second signal: stop at once
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+
+    def _watch(self) -> None:
+        try:
+            self._count_signals()
+        finally:
+            os.close(self._read_fd)
+
+    def _count_signals(self) -> None:
+        first = None
+        while True:
+            try:
+                data = os.read(self._read_fd, 64)
+            except OSError:
+                return
+            if not data:  # the context was left
+                return
+            for signum in data:
+                if signum not in self.SIGNALS:
+                    continue
+                now = time.monotonic()
+                if first is None:
+                    first = now
+                elif now - first >= self.REPEAT_AFTER_S:
+                    name = signal.Signals(signum).name
+                    os.write(2, f"\n{name} again: stopping at once, without a new checkpoint; {self.on_second}\n"
+                             .encode())
+                    os._exit(128 + signum)
 
     def agreed(self, world_size: int, device) -> bool:
         """Whether any process was signalled (a collective call when ``world_size > 1``)."""
-        if world_size == 1:
-            return self.signal_name is not None
-        flag = torch.tensor([float(self.signal_name is not None)], device=device)
-        all_reduce_mean_([flag])
-        return bool(flag.item() > 0)
+        return any_rank(self.signal_name is not None, world_size, device)
 
     def __exit__(self, *exc):
+        signal.set_wakeup_fd(self._old_wakeup)
+        os.close(self._write_fd)  # the watcher reads end-of-file and returns
         for s, handler in self._old.items():
             signal.signal(s, handler)
 
@@ -336,40 +494,57 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def resolve_resume(args) -> Optional[dict]:
-    """Load the checkpoint named by ``--resume`` and put its experiment settings into ``args``."""
-    if args.resume is None:
+def resolve_resume(config: TrainConfig) -> Optional[dict]:
+    """Load the checkpoint named by ``--resume`` and put its experiment settings into ``config``."""
+    if config.resume is None:
         return None
-    path = Path(args.out) / "checkpoint.pt" if args.resume == "auto" else Path(args.resume)
-    if not path.exists() and not previous_checkpoint_path(path).exists():
+    path = Path(config.out) / "checkpoint.pt" if config.resume == "auto" else Path(config.resume)
+    if path.is_dir():
+        raise InputError(f"--resume {path}: a folder; expected a checkpoint file such as {path / 'checkpoint.pt'}")
+    if not any(p.exists() for p in (path, previous_checkpoint_path(path), temporary_checkpoint_path(path))):
         raise FileNotFoundError(f"--resume: checkpoint {path} not found")
-    ckpt = load_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path, repair=True)  # never resumes from a non-finite or unreadable file
+    except CheckpointError as err:
+        raise CheckpointError(f"--resume: {err}") from None
     saved = ckpt["config"]
-    if bool(saved.get("conditional")) != bool(getattr(args, "conditional", False)):
+    if bool(saved.get("conditional")) != config.conditional:
         held = (f"a conditional model ({saved['model']['n_classes']} classes)" if saved.get("conditional")
                 else "an unconditional model")
         raise ValueError(f"--resume: {path} holds {held}; "
                          f"{'pass' if saved.get('conditional') else 'drop'} --conditional to continue it")
     for key in EXPERIMENT_KEYS:
-        if key in saved and getattr(args, key, None) != saved[key]:
+        if key in saved and getattr(config, key) != saved[key]:
             print(f"--resume: using {key}={saved[key]!r} from the checkpoint", file=sys.stderr)
-            setattr(args, key, saved[key])
+            setattr(config, key, saved[key])
     return ckpt
 
 
-def load_eval_models(args, device):
+def check_clip_geometry(config: TrainConfig) -> None:
+    """Every level must keep at least one frame and one clip: ``--n-frames`` >= the product of
+    ``--subsample-frames`` and ``--batch-size`` >= the product of ``--subsample-batch``."""
+    for flag, value, strides_flag, strides in (
+            ("--n-frames", config.n_frames, "--subsample-frames", config.subsample_frames),
+            ("--batch-size", config.batch_size, "--subsample-batch", config.subsample_batch)):
+        needed = math.prod(strides)
+        if value < needed:
+            raise InputError(f"{flag} {value}: {strides_flag} {','.join(map(str, strides))} leaves "
+                             f"{value // needed} at the last level; expected at least {needed}")
+
+
+def load_eval_models(config: TrainConfig, device):
     """The evaluation networks ``--eval-every`` needs, or ``None`` when evaluation is off."""
-    if not getattr(args, "eval_every", 0):
+    if not config.eval_every:
         return None
     from evaluate import EvalModels, load_c3d, load_i3d, load_statistics
 
-    if bool(args.c3d_weights) != bool(args.c3d_mean) or bool(args.i3d) != bool(args.i3d_stats):
+    if bool(config.c3d_weights) != bool(config.c3d_mean) or bool(config.i3d) != bool(config.i3d_stats):
         raise ValueError("--eval-every: give --c3d-weights with --c3d-mean, and --i3d with --i3d-stats")
-    if not (args.c3d_weights or args.i3d):
+    if not (config.c3d_weights or config.i3d):
         raise ValueError("--eval-every needs --c3d-weights/--c3d-mean (IS) or --i3d/--i3d-stats (FVD)")
-    return EvalModels(c3d=load_c3d(args.c3d_weights, args.c3d_mean, device) if args.c3d_weights else None,
-                      i3d=load_i3d(args.i3d, device) if args.i3d else None,
-                      i3d_stats=load_statistics(args.i3d_stats, "i3d") if args.i3d_stats else None)
+    return EvalModels(c3d=load_c3d(config.c3d_weights, config.c3d_mean, device) if config.c3d_weights else None,
+                      i3d=load_i3d(config.i3d, device) if config.i3d else None,
+                      i3d_stats=load_statistics(config.i3d_stats, "i3d") if config.i3d_stats else None)
 
 
 def gather_rng_states(world_size: int) -> list:
@@ -403,194 +578,301 @@ def describe_speed(it_per_s: float, remaining: int) -> str:
             f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}")
 
 
-def train(args, dataset, gen_samples: Callable, describe_data: str = "", ckpt: Optional[dict] = None,
+
+# TensorBoard tags of the metrics.jsonl keys; evaluation scores go under "metrics/".
+BOARD_TAGS = {"loss_g": "loss/G", "loss_d": "loss/D", "r1": "loss/R1", "lr_g": "learning_rate/G",
+              "lr_d": "learning_rate/D", "it_per_s": "speed/iterations_per_second"}
+
+
+class LossMeter:
+    """Running means of L_G, L_D (adversarial part) and R1 since the last :meth:`read`, kept on the device.
+
+    Also measures training speed: time spent inside :meth:`paused` (samples, checkpoints) is not counted.
+    """
+
+    NAMES = ("loss_g", "loss_d", "r1")
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(len(self.NAMES), device=device)
+        self.count, self.since = 0, time.perf_counter()
+
+    def add(self, losses: Dict[str, torch.Tensor]) -> None:
+        self.sums += torch.stack([losses[name] for name in self.NAMES])
+        self.count += 1
+
+    @contextmanager
+    def paused(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.since += time.perf_counter() - began
+
+    def read(self) -> Dict[str, float]:
+        """The means over all processes (a collective call under torchrun) and ``it_per_s``; then starts anew."""
+        all_reduce_mean_([self.sums])
+        values = dict(zip(self.NAMES, (self.sums / max(self.count, 1)).tolist()))
+        now = time.perf_counter()
+        values["it_per_s"] = self.count / max(now - self.since, 1e-9)
+        self.sums.zero_()
+        self.count, self.since = 0, now
+        return values
+
+
+def conditional_classes(config: TrainConfig, dataset, describe_data: str) -> List[str]:
+    """The class names a conditional run trains on (``[]`` for an unconditional one)."""
+    if not config.conditional:
+        return []
+    classes = list(getattr(dataset, "classes", None) or [])
+    if not classes:
+        raise ValueError(f"--conditional needs a labelled dataset; {describe_data or type(dataset).__name__} "
+                         "has no classes")
+    return classes
+
+
+def build_trainer(config: TrainConfig, n_classes: int, device: torch.device, rank: int) -> Trainer:
+    """The networks and optimisers, identical on every process; then seeds each process's own streams."""
+    seed_everything(config.seed)
+    cfg = model_config(config.preset, resolution=config.resolution, n_frames=config.n_frames,
+                       subsample_frames=config.subsample_frames, subsample_batch=config.subsample_batch,
+                       n_classes=n_classes, lstm_forget_bias=config.lstm_forget_bias,
+                       content_skip=config.content_skip)
+    trainer = Trainer(cfg, config, device)
+    broadcast_module(trainer.gen)
+    broadcast_module(trainer.dis)
+    seed_everything(config.seed + 1_000_003 * rank)  # different latents and offsets per process
+    return trainer
+
+
+def restore(trainer: Trainer, ckpt: Optional[dict], seed: int, rank: int, world_size: int) -> int:
+    """Load a resumed checkpoint's state and RNG streams into ``trainer``; returns the iteration to start at."""
+    if ckpt is None:
+        return 0
+    trainer.load_state_dict(ckpt)
+    start = int(ckpt["iteration"])
+    states = ckpt["rng"]
+    if len(states) == world_size:
+        set_rng_state(states[rank])
+    else:
+        print(f"--resume: checkpoint written by {len(states)} processes, now {world_size}; "
+              "latent and offset streams are reseeded (data order is kept)", file=sys.stderr)
+        seed_everything(seed + 1_000_003 * rank + start)
+    return start
+
+
+def device_batches(dataset, config: TrainConfig, start: int, rank: int, world_size: int,
+                   device: torch.device) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """Endless ``(clips (N, C, T, H, W) in [-1, 1], labels (N,) or None)`` on ``device``, from iteration ``start``."""
+    sampler = ResumableBatchSampler(len(dataset), config.batch_size, config.seed, start_iteration=start,
+                                    rank=rank, world_size=world_size)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.workers,
+                        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
+                        worker_init_fn=ignore_stop_signals,
+                        generator=torch.Generator().manual_seed(config.seed))  # keeps the global RNG untouched
+    for batch in loader:
+        clips, labels = (batch[0], batch[1].to(device, non_blocking=True)) if config.conditional else (batch, None)
+        yield to_unit_range(clips.to(device, non_blocking=True)), labels  # uint8 until here: 4x less traffic
+
+
+def write_run_config(out: Path, record: dict, start: int) -> Path:
+    """``OUT/config.json`` for a new run; a resume keeps it and adds ``OUT/config.resume-XXXXXX.json`` (its start)."""
+    path = out / ("config.json" if start == 0 else f"config.resume-{start:06d}.json")
+    write_json(path, record)
+    return path
+
+
+class Run:
+    """One training run's outputs: what the loop writes besides the update, on the main process.
+
+    Holds the run record (``config.json``, stored in every checkpoint), the fixed sample latents,
+    the evaluation networks and the TensorBoard log.  Collective steps (checkpoint RNG states,
+    loss means) involve every process; files are written by rank 0 only.
+    """
+
+    def __init__(self, config: TrainConfig, trainer: Trainer, gen_samples: Callable, classes: List[str],
+                 describe_data: str, rank: int, world_size: int, start: int):
+        self.config, self.trainer, self.gen_samples = config, trainer, gen_samples
+        self.out, self.rank, self.world_size = Path(config.out), rank, world_size
+        self.is_main = rank == 0
+        device = trainer.device
+        record = dict(dataclasses.asdict(config), model=trainer.cfg.to_dict(), classes=classes or None,
+                      device=str(device), amp=trainer.amp, world_size=world_size, data_description=describe_data,
+                      params={"generator": count_parameters(trainer.gen),
+                              "discriminator": count_parameters(trainer.dis)},
+                      torch_version=str(torch.__version__))
+        self.record = json.loads(json.dumps(record))  # plain values only: checkpoints load with weights_only=True
+        self.fixed_z = trainer.gen.sample_z(config.sample_grid**2, device="cpu",
+                                            generator=torch.Generator().manual_seed(config.seed)).to(device)
+        self.fixed_labels = None
+        if classes:  # one row per class, rows spread evenly over the class list
+            rows = torch.linspace(0, len(classes) - 1, config.sample_grid).round().long()
+            self.fixed_labels = rows.repeat_interleave(config.sample_grid).to(device)
+        self.eval_models = load_eval_models(config, device) if self.is_main else None
+        if config.tensorboard and not tensorboard_available():
+            raise InputError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
+        self.board = None
+        if self.is_main:
+            write_run_config(self.out, self.record, start)
+            if config.tensorboard or (config.tensorboard is None and tensorboard_available()):
+                self.board = TensorBoardLog(self.out / "tensorboard")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.board is not None:
+            self.board.close()
+
+    def log(self, iteration: int, values: Dict[str, float]) -> dict:
+        """Record the loss means of :meth:`LossMeter.read` (metrics.jsonl, TensorBoard); stop on NaN or inf."""
+        losses = {k: v for k, v in values.items() if k in LossMeter.NAMES}
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise TrainingDiverged(
+                f"non-finite loss at iteration {iteration} ({', '.join(f'{k}={v}' for k, v in losses.items())}); "
+                "stopped without saving. " + (last_good_checkpoint(self.out / "checkpoint.pt") if self.is_main else "")
+            )
+        record = {"iteration": iteration, **losses, "lr_g": self.trainer.opt_g.param_groups[0]["lr"],
+                  "lr_d": self.trainer.opt_d.param_groups[0]["lr"], "it_per_s": values["it_per_s"]}
+        self.write_metrics(record)
+        return record
+
+    def write_metrics(self, record: dict) -> None:
+        """Append ``record`` to metrics.jsonl and its numbers to TensorBoard (main process)."""
+        if not self.is_main:
+            return
+        append_jsonl(self.out / "metrics.jsonl", record)
+        if self.board is not None:
+            numbers = {k: v for k, v in record.items() if k != "iteration" and isinstance(v, (int, float))}
+            self.board.scalars(record["iteration"], {BOARD_TAGS.get(k, f"metrics/{k}"): v for k, v in numbers.items()})
+
+    def sample(self, iteration: int) -> None:
+        """A sample grid through the script's ``genSamples``, in eval mode (EMA weights when on)."""
+        if not self.is_main:
+            return
+        trainer = self.trainer
+        with sampling_mode(trainer.sampler), torch.no_grad(), trainer.autocast():
+            path = self.gen_samples(trainer.sampler, self.fixed_z, iteration, self.out, self.fixed_labels,
+                                    n_frames=trainer.cfg.n_frames)
+        if self.board is not None and path is not None and Path(path).suffix == ".gif":
+            self.board.gif("samples", path, iteration)
+
+    def evaluate(self, iteration: int) -> None:
+        """IS / FVD of the sampling generator into metrics.jsonl and TensorBoard (main process)."""
+        if self.eval_models is None:
+            return
+        from evaluate import evaluate_generator
+
+        scores = evaluate_generator(self.trainer.sampler, self.eval_models, n_samples=self.config.eval_samples,
+                                    n_frames=self.trainer.cfg.n_frames, seed=self.config.seed)
+        record = {"iteration": iteration, **{k: v for k, v in scores.items() if not k.endswith("_runs")}}
+        self.write_metrics(record)
+        tqdm.write(f"iteration {iteration}: " + ", ".join(f"{k} {record[k]:.3f}" for k in ("IS", "FVD", "accuracy")
+                                                          if k in record))
+
+    def snapshot(self, iteration: int) -> None:
+        """``OUT/snapshots/snapshot_XXXXXX.pt``: the sampling generator only (see :meth:`Trainer.snapshot`)."""
+        if self.is_main:
+            state = self.trainer.snapshot()
+            state.update(iteration=iteration, config=self.record)
+            save_checkpoint(state, self.out / "snapshots" / f"snapshot_{iteration:06d}.pt", keep_previous=False)
+
+    def checkpoint(self, iteration: int) -> None:
+        """``OUT/checkpoint.pt``, refused (:class:`TrainingDiverged`) when any tensor on any process is not finite."""
+        rng = gather_rng_states(self.world_size)  # collective: every rank takes part
+        state = self.trainer.state_dict()
+        bad = nonfinite_entries(state)  # on every rank, so that all of them stop together
+        if any_rank(bool(bad), self.world_size, self.trainer.device):
+            found = f"values in {', '.join(bad)}" if bad else "values on another rank"
+            raise TrainingDiverged(f"non-finite {found} at iteration {iteration}; stopped without saving. "
+                                   + (last_good_checkpoint(self.out / "checkpoint.pt") if self.is_main else ""))
+        if self.is_main:
+            state.update(iteration=iteration, config=self.record, rng=rng)
+            save_checkpoint(state, self.out / "checkpoint.pt")
+
+
+def train(config: TrainConfig, dataset, gen_samples: Callable, describe_data: str = "", ckpt: Optional[dict] = None,
           quick_start: str = "") -> dict:
     """Run the training loop on ``dataset`` (uint8 clips ``(C, T, H, W)`` keyed by ``(index, seed)``).
 
     ``ckpt`` is the checkpoint to continue from (see :func:`resolve_resume`); ``quick_start`` is the
-    command printed when there is no GPU.  Writes
-    ``OUT/config.json``, ``OUT/metrics.jsonl``, ``OUT/samples/`` (through ``gen_samples``) and
-    ``OUT/checkpoint.pt`` — on rank 0 only under torchrun.  Returns the last logged metrics.
+    command printed when there is no GPU.  Writes what README's "What a run writes" lists (on rank 0
+    only under torchrun).  Returns the last logged metrics.
     """
-    out = Path(args.out)
-    rank, world_size, device = init_distributed(args.device)
-    is_main = rank == 0
-    seed_everything(args.seed)  # identical initial weights on every rank
-    conditional = getattr(args, "conditional", False)
-    classes = list(getattr(dataset, "classes", None) or [])
-    if conditional and not classes:
-        source = describe_data or type(dataset).__name__
-        raise ValueError(f"--conditional needs a labelled dataset; {source} has no classes")
-    cfg = model_config(args.preset, resolution=getattr(args, "resolution", None), n_frames=args.n_frames,
-                       subsample_frames=args.subsample_frames, subsample_batch=args.subsample_batch,
-                       n_classes=len(classes) if conditional else 0,
-                       lstm_forget_bias=getattr(args, "lstm_forget_bias", None),
-                       content_skip=getattr(args, "content_skip", None))
-    trainer = Trainer(cfg, args, device)
-    broadcast_module(trainer.gen)
-    broadcast_module(trainer.dis)
-    seed_everything(args.seed + 1_000_003 * rank)  # but different latents and offsets per rank
-    start = 0
-    if ckpt is not None:
-        trainer.load_state_dict(ckpt)
-        start = int(ckpt["iteration"])
-        states = ckpt["rng"]
-        if len(states) == world_size:
-            set_rng_state(states[rank])
-        else:
-            print(f"--resume: checkpoint written by {len(states)} processes, now {world_size}; "
-                  "latent and offset streams are reseeded (data order is kept)", file=sys.stderr)
-            seed_everything(args.seed + 1_000_003 * rank + start)
-        del ckpt
-    config = {k: v for k, v in vars(args).items()}
-    config.update(model=cfg.to_dict(), classes=classes if conditional else None, device=str(device),
-                  amp=trainer.amp, world_size=world_size, data_description=describe_data,
-                  params={"generator": count_parameters(trainer.gen), "discriminator": count_parameters(trainer.dis)},
-                  torch_version=str(torch.__version__))
-    config = json.loads(json.dumps(config))  # plain values only: checkpoints load with weights_only=True
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", config)
-
-    sampler = ResumableBatchSampler(len(dataset), args.batch_size, args.seed, start_iteration=start,
-                                    rank=rank, world_size=world_size)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-                        worker_init_fn=ignore_stop_signals,
-                        generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG untouched
-    fixed_z = trainer.gen.sample_z(args.sample_grid**2, device="cpu",
-                                   generator=torch.Generator().manual_seed(args.seed)).to(device)
-    # Conditional samples: one row per class, rows spread evenly over the class list.
-    fixed_labels = None
-    if conditional:
-        row_classes = torch.linspace(0, len(classes) - 1, args.sample_grid).round().long()
-        fixed_labels = row_classes.repeat_interleave(args.sample_grid).to(device)
-
-    def save(iteration: int) -> None:
-        rng = gather_rng_states(world_size)  # collective: every rank takes part
-        if is_main:
-            state = trainer.state_dict()
-            state.update(iteration=iteration, config=config, rng=rng)
-            save_checkpoint(state, out / "checkpoint.pt")
-
-    eval_models = load_eval_models(args, device) if is_main else None
-
-    def evaluate(iteration: int) -> None:
-        from evaluate import evaluate_generator
-
-        scores = evaluate_generator(trainer.sampler, eval_models, n_samples=args.eval_samples, n_frames=cfg.n_frames,
-                                    seed=args.seed)
-        record = {"iteration": iteration, **{k: v for k, v in scores.items() if not k.endswith("_runs")}}
-        append_jsonl(out / "metrics.jsonl", record)
-        tqdm.write(f"iteration {iteration}: " + ", ".join(f"{k} {record[k]:.3f}" for k in ("IS", "FVD", "accuracy")
-                                                          if k in record))
-
-    def sample(iteration: int) -> None:
-        if not is_main:
-            return
-        gen, was_training = trainer.sampler, trainer.sampler.training
-        gen.eval()
-        with torch.no_grad(), trainer.autocast():
-            gen_samples(gen, fixed_z, iteration, out, fixed_labels, n_frames=cfg.n_frames)
-        gen.train(was_training)
-
-    def snapshot(iteration: int) -> None:
-        if is_main:
-            state = trainer.snapshot()
-            state.update(iteration=iteration, config=config)
-            save_checkpoint(state, out / "snapshots" / f"snapshot_{iteration:06d}.pt", keep_previous=False)
-
-    sums = torch.zeros(3, device=device)  # running L_G, L_D, R1 since the last log
-    last: dict = {}
-    count, t_log = 0, time.perf_counter()
-
-    def flush(iteration: int) -> dict:
-        nonlocal count, t_log
-        all_reduce_mean_([sums])
-        values = dict(zip(("loss_g", "loss_d", "r1"), (sums / max(count, 1)).tolist()))
-        if not all(math.isfinite(v) for v in values.values()):
-            raise TrainingDiverged(
-                f"non-finite loss at iteration {iteration} ({', '.join(f'{k}={v}' for k, v in values.items())}); "
-                f"stopped without saving. The last good checkpoint is {out / 'checkpoint.pt'}"
-            )
-        now = time.perf_counter()
-        record = {"iteration": iteration, **values, "lr_g": trainer.opt_g.param_groups[0]["lr"],
-                  "lr_d": trainer.opt_d.param_groups[0]["lr"], "it_per_s": count / max(now - t_log, 1e-9)}
-        if is_main:
-            append_jsonl(out / "metrics.jsonl", record)
-        sums.zero_()
-        count, t_log = 0, now
-        return record
-
-    if is_main:
-        print(describe_run(device, trainer.amp, world_size, args.batch_size, args.iterations - start), file=sys.stderr)
+    rank, world_size, device = init_distributed(config.device)
+    classes = conditional_classes(config, dataset, describe_data)
+    trainer = build_trainer(config, len(classes), device, rank)
+    start = restore(trainer, ckpt, config.seed, rank, world_size)
+    batches = device_batches(dataset, config, start, rank, world_size, device)
+    meter = LossMeter(device)
+    if rank == 0:
+        print(describe_run(device, trainer.amp, world_size, config.batch_size, config.iterations - start),
+              file=sys.stderr)
         if device.type == "cpu" and quick_start:
             print(f"No GPU: a full run takes hours here. For a first result on a CPU, run:\n    {quick_start}",
                   file=sys.stderr)
-    bar = tqdm(total=args.iterations, initial=start, dynamic_ncols=True, desc=out.name, disable=not is_main)
-    data_iter = iter(loader)
-    iteration = start
+    bar = tqdm(total=config.iterations, initial=start, dynamic_ncols=True, desc=Path(config.out).name,
+               disable=rank != 0)
+    last: dict = {}
     t_start, sampled_at, eta_said = time.perf_counter(), None, False
-    with StopRequest() as stop:
-        while iteration < args.iterations:
-            batch = next(data_iter)
-            x_real, labels = (batch[0], batch[1].to(device, non_blocking=True)) if conditional else (batch, None)
-            x_real = to_unit_range(x_real.to(device, non_blocking=True))  # uint8 until here: 4x less traffic
-            trainer.set_iteration(iteration)
-            losses = trainer.step(x_real, labels)
-            iteration += 1
-            sums += torch.stack([losses["loss_g"], losses["loss_d"], losses["r1"]])
-            count += 1
+    checkpoint_path = Path(config.out) / "checkpoint.pt"
+    with Run(config, trainer, gen_samples, classes, describe_data, rank, world_size, start) as run, \
+            StopRequest(f"{checkpoint_path} is intact; continue with --resume") as stop:
+        for iteration in range(start + 1, config.iterations + 1):
+            x_real, labels = next(batches)
+            trainer.set_iteration(iteration - 1)
+            meter.add(trainer.step(x_real, labels))
             bar.update(1)
-            log_now = iteration % args.log_every == 0 or iteration == args.iterations
+            log_now = iteration % config.log_every == 0 or iteration == config.iterations
             # Alone, the flag is read every step; under torchrun the ranks agree at log steps only.
             stopping = stop.agreed(world_size, device) if (log_now or world_size == 1) else False
             if log_now or stopping:
-                last = flush(iteration)
+                last = run.log(iteration, meter.read())
                 bar.set_postfix(L_G=f"{last['loss_g']:.3f}", L_D=f"{last['loss_d']:.3f}", R1=f"{last['r1']:.3f}")
-                if is_main and not eta_said and iteration - start >= min(3 * args.log_every, args.iterations - start):
+                if rank == 0 and not eta_said and iteration - start >= min(3 * config.log_every,
+                                                                           config.iterations - start):
                     eta_said = True
-                    tqdm.write(describe_speed(last["it_per_s"], args.iterations - iteration))
-            t_io = time.perf_counter()
-            # A first grid within minutes, whatever --sample-every says, and one when a signal stops the run.
-            early = sampled_at is None and log_now and t_io - t_start > FIRST_SAMPLE_AFTER_S
-            if iteration % args.sample_every == 0 or iteration == args.iterations or early or stopping:
-                sample(iteration)
-                sampled_at = iteration
-            if eval_models is not None and (iteration % args.eval_every == 0 or iteration == args.iterations):
-                evaluate(iteration)
-            if args.snapshot_every and iteration % args.snapshot_every == 0:
-                snapshot(iteration)
-            if iteration % args.checkpoint_every == 0 or iteration == args.iterations or stopping:
-                save(iteration)
-            t_log += time.perf_counter() - t_io  # it/s measures training, not sample/checkpoint writing
+                    tqdm.write(describe_speed(last["it_per_s"], config.iterations - iteration))
+            with meter.paused():  # it/s measures training, not sample and checkpoint writing
+                # A first grid within minutes, whatever --sample-every says, and one when a signal stops the run.
+                early = sampled_at is None and log_now and time.perf_counter() - t_start > FIRST_SAMPLE_AFTER_S
+                if iteration % config.sample_every == 0 or iteration == config.iterations or early or stopping:
+                    run.sample(iteration)
+                    sampled_at = iteration
+                if config.eval_every and (iteration % config.eval_every == 0 or iteration == config.iterations):
+                    run.evaluate(iteration)
+                if config.snapshot_every and iteration % config.snapshot_every == 0:
+                    run.snapshot(iteration)
+                if iteration % config.checkpoint_every == 0 or iteration == config.iterations or stopping:
+                    run.checkpoint(iteration)
             if stopping:
-                bar.close()
-                if is_main:
-                    print(f"{stop.signal_name or 'signal on another rank'}: stopped after iteration {iteration}; "
-                          f"checkpoint written to {out / 'checkpoint.pt'} (continue with --resume)", file=sys.stderr)
-                return last
+                if rank == 0:
+                    tqdm.write(f"{stop.signal_name or 'signal on another rank'}: stopped after iteration {iteration}; "
+                               f"checkpoint written to {checkpoint_path} (continue with --resume)", file=sys.stderr)
+                break
     bar.close()
     return last
 
 
-def main(description: str, defaults: Dict, open_dataset: Callable, gen_samples: Callable, argv=None,
-         add_arguments: Optional[Callable] = None, quick_start: str = "") -> dict:
-    """Parse flags, open the dataset with ``open_dataset(args) -> (dataset, description)`` and train.
+def main(parser: argparse.ArgumentParser, open_dataset: Callable, gen_samples: Callable, argv=None,
+         quick_start: str = "") -> dict:
+    """Parse flags into a :class:`TrainConfig`, open the dataset with ``open_dataset(config) -> (dataset,
+    description)`` and train.
 
-    ``add_arguments(parser)`` lets a script add its own flags; ``quick_start`` is the command a
-    run without a GPU recommends.  Bad input (a missing file, a
-    malformed array, a bad flag value) exits with a one-line error.
+    ``parser`` comes from :func:`build_parser` (plus the script's own flags); ``quick_start`` is the
+    command a run without a GPU recommends.  Bad input (a missing file, a malformed array, a bad
+    flag value) exits with a one-line error.
     """
-    parser = build_parser(description, defaults)
-    if add_arguments is not None:
-        add_arguments(parser)
-    args = parser.parse_args(argv)
-    apply_recipe(args)
+    config = None
     try:
-        ckpt = resolve_resume(args)  # first: the checkpoint's settings decide how the data is opened
-        dataset, describe = open_dataset(args)
-        return train(args, dataset, gen_samples, describe, ckpt, quick_start)
-    except (FileNotFoundError, ValueError, TrainingDiverged) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1)
+        config = parse_config(parser, argv)
+        prepare_output_folder(config.out)
+        ckpt = resolve_resume(config)  # first: the checkpoint's settings decide how the data is opened
+        check_clip_geometry(config)
+        dataset, describe = open_dataset(config)
+        return train(config, dataset, gen_samples, describe, ckpt, quick_start)
+    except (FileNotFoundError, ValueError, TrainingDiverged, CheckpointError) as err:
+        raise SystemExit(report_error(parser.prog, err))
+    except OSError as err:  # the disk filled up or went read-only mid-run
+        out = Path(config.out if config is not None else parser.get_default("out"))
+        raise SystemExit(report_error(parser.prog, f"{describe_os_error(err)}; "
+                                                   f"{last_good_checkpoint(out / 'checkpoint.pt')}"))

@@ -10,10 +10,9 @@ import torch
 import generate
 import train_ucf101
 from conftest import CLASSES, R, T
-from datasets import real_pyramid
-from evaluate import class_accuracy, sample_classes
+from evaluate import class_accuracy
 from models import (CategoricalBatchNorm2d, Generator, MultiLevelDiscriminator, VideoDiscriminator, level_labels,
-                    load_weights, model_config)
+                    load_weights, model_config, real_pyramid, sample_classes)
 from utils import load_checkpoint
 
 

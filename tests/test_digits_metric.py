@@ -13,9 +13,8 @@ import torch
 import evaluate
 from datasets import MovingDigits
 from evaluate import (DigitClassifierSettings, clip_motion, digit_centres, digit_controls, digit_metrics_for_generator,
-                      frame_digit_sets, load_digit_classifier, procedural_clips, real_digit_summary, sampling_mode,
-                      true_digit_sets)
-from models import Generator, model_config
+                      frame_digit_sets, load_digit_classifier, procedural_clips, real_digit_summary, true_digit_sets)
+from models import Generator, model_config, sampling_mode
 from utils import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,6 +199,24 @@ def test_cli_json_on_an_npy_file(tmp_path, tiny_cli, capsys):
     assert evaluate.main(["digits", "--npy", str(float_path), "--json", "--n-samples", "4", *tiny_cli]) == 0
     as_float = json.loads(capsys.readouterr().out)
     assert as_float["n_samples"] == 4 and np.isfinite(as_float["frechet_distance"])
+
+
+def test_cli_on_gifs_against_a_moving_mnist_layout_file(tmp_path, tiny_cli, capsys):
+    from utils import write_video
+
+    clips = procedural_clips(4, 8, 98)[0][:, 0]  # uint8 (N, T, H, W)
+    for i, clip in enumerate(clips[:3]):
+        write_video(tmp_path / "videos" / f"video_{i:04d}.gif", clip[..., None])
+    real = tmp_path / "mnist_layout.npy"
+    np.save(real, procedural_clips(6, 10, 97)[0][:, 0].transpose(1, 0, 2, 3))  # (T, N, H, W) like mnist_test_seq
+    argv = ["digits", "--videos", str(tmp_path / "videos"), "--real", str(real), "--json", *tiny_cli]
+    assert evaluate.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_samples"] == 3 and result["real"] == str(real) and SCORES <= set(result)
+    assert 0.6 < result["motion_ratio"] < 1.4
+    (tmp_path / "empty").mkdir()
+    assert evaluate.main(argv + ["--real", str(tmp_path / "empty")]) == 1
+    assert "empty: no videos" in capsys.readouterr().err
 
 
 def test_cli_on_a_checkpoint_uses_the_ema_weights_when_present(tmp_path, generator, tiny_cli, capsys):

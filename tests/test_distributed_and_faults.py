@@ -7,14 +7,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from models import model_config
-from trainer import Trainer
+from trainer import TrainConfig, Trainer
 from utils import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,11 +22,8 @@ TRAIN = [sys.executable, "train_movingmnist.py", "--data", "synthetic", "--batch
 WORLD, PER_RANK = 2, 2
 
 
-def make_args(**overrides):
-    values = dict(lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, gp_weight=0.5, amp="none", lr_decay_start=-1,
-                  iterations=10, sync_bn=False)
-    values.update(overrides)
-    return SimpleNamespace(**values)
+def make_config(**overrides):
+    return TrainConfig(**{"recipe": "paper", "iterations": 10, "sync_bn": False, "channels_last": False, **overrides})
 
 
 def tiny_config():
@@ -51,7 +46,7 @@ def _rank_worker(rank, init_file, out_dir, x, z):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.manual_seed(0)
-    trainer = Trainer(tiny_config(), make_args(sync_bn=True), torch.device("cpu"))
+    trainer = Trainer(tiny_config(), make_config(sync_bn=True), torch.device("cpu"))
     torch.manual_seed(1)  # the same subsampling offsets on every rank and in the reference
     local = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     trainer.step(x[local], z=z[local])
@@ -73,7 +68,7 @@ def test_two_process_gradients_equal_one_process_on_the_global_batch(tmp_path):
 
     torch.manual_seed(0)
     # Averaging per-rank gradients turns each rank's R1 sum into (global sum) / WORLD.
-    reference = Trainer(tiny_config(), make_args(gp_weight=0.5 / WORLD), torch.device("cpu"))
+    reference = Trainer(tiny_config(), make_config(gp_weight=0.5 / WORLD), torch.device("cpu"))
     torch.manual_seed(1)
     reference.step(x, z=z)
     expected = all_grads(reference)

@@ -11,7 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 import generate  # noqa: E402
-from evaluate import find_videos, read_video  # noqa: E402
+from datasets import read_video, video_paths  # noqa: E402
 from models import Generator, model_config  # noqa: E402
 from utils import save_checkpoint  # noqa: E402
 
@@ -79,20 +79,28 @@ def test_png_strips_and_evaluate_reads_the_folder_back(checkpoint, tmp_path):
     assert iio.imread(tmp_path / "grid.png").shape[:2] == (2 * 65 + 1, 4 * (1 * 65 + 1))
     npy_dir = tmp_path / "npy"
     assert run(checkpoint, npy_dir, "--n", "2", "--format", "npy") == 0
-    paths = find_videos(npy_dir)  # the grid is not a sample
+    paths = video_paths(npy_dir)  # the grid is not a sample
     assert [p.name for p in paths] == ["video_0000.npy", "video_0001.npy"]
     assert read_video(paths[0]).shape == (1, 16, 64, 64)
 
 
+def test_bad_values_give_one_line_errors(checkpoint, tmp_path, capsys):
+    assert run(checkpoint, tmp_path / "out", "--level", "5") == 1
+    err = capsys.readouterr().err
+    assert err == "generate.py: error: --level 5: the generator has levels 1..4\n"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("flags, message", [
-    (["--level", "5"], "--level 5: the generator has levels 1..4"),
-    (["--level", "0"], "--level must be >= 1"),
-    (["--n", "0"], "--n must be >= 1"),
-    (["--frames", "-3"], "--frames must be >= 1"),
-    (["--fps", "0"], "--fps must be > 0"),
+    (["--level", "0"], "argument --level: expected an integer >= 1, got 0"),
+    (["--n", "0"], "argument --n: expected an integer >= 1, got 0"),
+    (["--frames", "-3"], "argument --frames: expected an integer >= 1, got -3"),
+    (["--fps", "0"], "argument --fps: expected a finite number > 0, got 0"),
 ])
-def test_bad_values_give_one_line_errors(checkpoint, tmp_path, capsys, flags, message):
-    assert run(checkpoint, tmp_path / "out", *flags) == 1
+def test_out_of_range_flags_are_one_line_usage_errors(checkpoint, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run(checkpoint, tmp_path / "out", *flags)
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("generate.py: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()

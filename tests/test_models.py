@@ -70,7 +70,7 @@ def test_subsample_offsets_are_random_lengths_fixed():
     offsets = set()
     for seed in range(40):
         torch.manual_seed(seed)
-        y = subsample(x, frame_stride=3, batch_stride=2, time_dim=1)
+        y = subsample(x, subsample_frames=3, subsample_batch=2, time_dim=1)
         assert y.shape == (3, 5)  # floor(16 / 3) frames, ceil(6 / 2) samples
         offset = int(y[0, 0])
         offsets.add(offset)

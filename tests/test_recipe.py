@@ -7,17 +7,14 @@ import torch
 
 import train_movingmnist
 import trainer
-from datasets import real_pyramid
-from models import BN_EPS, Generator, model_config, subsample
+from models import BN_EPS, Generator, model_config, real_pyramid, subsample
 from utils import load_checkpoint
 
 FAST = ["--data", "synthetic", "--batch-size", "2", "--workers", "0", "--sample-grid", "2", "--log-every", "1"]
 
 
 def parse(*argv):
-    args = trainer.build_parser("test", train_movingmnist.DEFAULTS).parse_args(list(argv))
-    trainer.apply_recipe(args)
-    return args
+    return trainer.parse_config(train_movingmnist.build_parser(), list(argv))
 
 
 def test_paper_recipe_is_the_authors_and_flags_override_a_recipe():

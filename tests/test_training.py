@@ -89,7 +89,7 @@ class PoisonedDigits(MovingDigits):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     poisoned = PoisonedDigits(clean=8)  # batch 2: iterations 1-4 clean, 5 poisoned
     with pytest.raises(SystemExit) as exit_info:
-        trainer.main("test", train_movingmnist.DEFAULTS, lambda args: (poisoned, "poisoned"),
+        trainer.main(train_movingmnist.build_parser(), lambda config: (poisoned, "poisoned"),
                      train_movingmnist.genSamples,
                      [*FAST, "--out", str(tmp_path), "--iterations", "8", "--checkpoint-every", "2"])
     assert exit_info.value.code == 1
@@ -145,15 +145,12 @@ def test_amp_and_channels_last_runs_train(tmp_path, flags):
 
 
 def test_channels_last_computes_the_same_step():
-    from types import SimpleNamespace
-
     from models import model_config
 
     def gradients(channels_last):
-        args = SimpleNamespace(lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, gp_weight=0.5, amp="none",
-                               lr_decay_start=-1, iterations=1, channels_last=channels_last)
+        config = trainer.TrainConfig(recipe="paper", iterations=1, sync_bn=False, channels_last=channels_last)
         torch.manual_seed(0)
-        t = trainer.Trainer(model_config("movingmnist", n_frames=8), args, torch.device("cpu"))
+        t = trainer.Trainer(model_config("movingmnist", n_frames=8), config, torch.device("cpu"))
         torch.manual_seed(1)
         t.step(torch.rand(2, 1, 8, 64, 64) * 2 - 1)
         return [p.grad.clone() for p in list(t.gen.parameters()) + list(t.dis.parameters())]

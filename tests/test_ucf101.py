@@ -209,7 +209,7 @@ def test_user_errors_are_clear(tmp_path, tree, capsys):
 
 
 def test_paper_preset_defaults():
-    args = train_ucf101.trainer.build_parser("", train_ucf101.DEFAULTS).parse_args([])
+    args = train_ucf101.trainer.parse_config(train_ucf101.build_parser(), [])
     assert (args.preset, args.batch_size, args.iterations, args.gp_weight) == ("paper", 32, 100000, 0.5)
     assert (args.lr_g, args.lr_d, args.beta1, args.beta2, args.lr_decay_start) == (1e-4, 1e-4, 0.0, 0.9, 0)
     assert (args.subsample_frames, args.subsample_batch, args.n_frames) == ([2, 2, 2], [1, 1, 1], 16)

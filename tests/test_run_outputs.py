@@ -1,0 +1,120 @@
+"""What a run leaves behind for a user: TensorBoard events, a config to rerun, config history, usable snapshots."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import generate
+import train_movingmnist
+import train_ucf101
+from test_training import TinyI3D
+from utils import load_checkpoint
+
+FAST = ["--data", "synthetic", "--batch-size", "2", "--workers", "0", "--sample-grid", "2", "--log-every", "1",
+        "--device", "cpu"]
+
+
+def run(out, *extra):
+    return train_movingmnist.main([*FAST, "--out", str(out), *extra])
+
+
+def test_tensorboard_events_hold_losses_learning_rates_speed_and_animated_samples(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tmp_path, "--iterations", "2", "--sample-every", "1", "--tensorboard")
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"loss/G", "loss/D", "loss/R1", "learning_rate/G", "learning_rate/D",
+            "speed/iterations_per_second"} <= set(tags["scalars"])
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in events.Scalars("loss/G")] == [1, 2]
+    assert [e.value for e in events.Scalars("loss/G")] == pytest.approx([m["loss_g"] for m in metrics])
+    assert [e.value for e in events.Scalars("learning_rate/D")] == pytest.approx([1e-4, 1e-4])
+    images = events.Images("samples")
+    assert [image.step for image in images] == [1, 2]
+    gif = (tmp_path / "samples" / "iter_000002.gif").read_bytes()
+    assert images[1].encoded_image_string == gif and gif.startswith(b"GIF8")
+    assert (images[1].width, images[1].height) == (2 * 65 + 1, 2 * 65 + 1)
+
+
+def test_no_tensorboard_writes_no_events(tmp_path):
+    run(tmp_path, "--iterations", "1", "--no-tensorboard")
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_config_json_reruns_the_experiment(tmp_path, capsys):
+    first, again = tmp_path / "first", tmp_path / "again"
+    run(first, "--iterations", "2", "--seed", "3", "--lr-g", "2e-4", "--subsample-batch", "1,2,1",
+        "--snapshot-every", "0")
+    train_movingmnist.main(["--config", str(first / "config.json"), "--out", str(again), "--device", "cpu"])
+    a, b = (json.loads((run_dir / "config.json").read_text()) for run_dir in (first, again))
+    assert b["out"] == str(again)
+    assert {k: v for k, v in a.items() if k != "out"} == {k: v for k, v in b.items() if k != "out"}
+    assert (b["seed"], b["lr_g"], b["subsample_batch"], b["iterations"]) == (3, 2e-4, [1, 2, 1], 2)
+    ckpt_a, ckpt_b = load_checkpoint(first / "checkpoint.pt"), load_checkpoint(again / "checkpoint.pt")
+    for name, tensor in ckpt_a["generator"].items():
+        assert torch.equal(tensor, ckpt_b["generator"][name]), f"generator.{name} differs in the rerun"
+    # flags given with --config override it; the earlier run's own folder is refused
+    override = tmp_path / "override"
+    train_movingmnist.main(["--config", str(first / "config.json"), "--out", str(override), "--iterations", "1"])
+    assert json.loads((override / "config.json").read_text())["iterations"] == 1
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train_movingmnist.main(["--config", str(first / "config.json"), "--out", str(first)])
+    assert exit_info.value.code == 1
+    assert "is that run's own folder" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_first_config_and_writes_one_per_resume(tmp_path):
+    run(tmp_path, "--iterations", "2")
+    run(tmp_path, "--iterations", "3", "--resume")
+    run(tmp_path, "--iterations", "4", "--resume")
+    assert json.loads((tmp_path / "config.json").read_text())["iterations"] == 2
+    assert json.loads((tmp_path / "config.resume-000002.json").read_text())["iterations"] == 3
+    assert json.loads((tmp_path / "config.resume-000003.json").read_text())["iterations"] == 4
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["config"]["iterations"] == 4
+
+
+def test_generate_and_evaluate_load_a_snapshot_like_a_checkpoint(tmp_path, capsys):
+    run(tmp_path / "run", "--iterations", "2", "--ema-decay", "0.9", "--snapshot-every", "2")
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    snapshot = tmp_path / "run" / "snapshots" / "snapshot_000002.pt"
+    assert snapshot.stat().st_size < checkpoint.stat().st_size / 2  # G only: a file to share
+    flags = ["--n", "2", "--frames", "4", "--format", "npy", "--no-grid", "--device", "cpu"]
+    for name, source, extra in (("snap", snapshot, []), ("ema", checkpoint, []), ("raw", checkpoint, ["--no-ema"])):
+        assert generate.main(["--checkpoint", str(source), "--out", str(tmp_path / name), *flags, *extra]) == 0
+    out = capsys.readouterr().out
+    assert "iteration 2 of" in out and "generator_ema" in out
+    snap, ema, raw = (np.load(tmp_path / name / "video_0000.npy") for name in ("snap", "ema", "raw"))
+    np.testing.assert_array_equal(snap, ema)  # the snapshot holds the checkpoint's EMA generator
+    assert not np.array_equal(snap, raw)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in torch 2.14
+        torch.jit.script(TinyI3D()).save(str(tmp_path / "i3d.pt"))
+    evaluate.save_statistics(tmp_path / "real.npz", np.zeros(6), np.eye(6), feature="i3d")
+    scores = {}
+    for source in (snapshot, checkpoint):
+        assert evaluate.main(["fvd", "--checkpoint", str(source), "--i3d", str(tmp_path / "i3d.pt"), "--real-stats",
+                              str(tmp_path / "real.npz"), "--n-samples", "4", "--device", "cpu", "--json",
+                              "--quiet"]) == 0
+        scores[source.name] = json.loads(capsys.readouterr().out)
+    assert scores["snapshot_000002.pt"]["weights"] == scores["checkpoint.pt"]["weights"] == "generator_ema"
+    assert scores["snapshot_000002.pt"]["iteration"] == 2
+    assert scores["snapshot_000002.pt"]["FVD"] == pytest.approx(scores["checkpoint.pt"]["FVD"])
+
+
+def test_each_train_script_lists_only_the_flags_that_apply_to_it():
+    mnist, ucf = train_movingmnist.build_parser().format_help(), train_ucf101.build_parser().format_help()
+    video_only = ("--conditional", "--c3d-weights", "--c3d-mean", "--i3d", "--i3d-stats", "--eval-every",
+                  "--eval-samples", "--resolution", "--cache")
+    assert not [flag for flag in video_only if flag in mnist]
+    assert all(flag in ucf for flag in video_only)
+    assert "--preset {movingmnist}" in mnist and "paper" in ucf
+    for flag in ("--config", "--tensorboard", "--snapshot-every", "--ema-decay", "--resume"):
+        assert flag in mnist and flag in ucf

@@ -41,7 +41,6 @@ class ModelConfig:
     subsample_frames: List[int] = field(default_factory=lambda: [2, 2, 2])
     subsample_batch: List[int] = field(default_factory=lambda: [1, 1, 1])
     n_classes: int = 0  # > 0: class-conditional (categorical BN in G, projection in every D)
-    lstm_forget_bias: float = 0.0  # initial bias of the ConvLSTM's forget gate (the authors': 0)
     content_skip: bool = False  # add the fc output to every ConvLSTM output (the authors: no)
 
     @property
@@ -204,7 +203,7 @@ class ConvLSTM(nn.Module):
     hidden states ``(N, n_steps, C, h, w)``.  Gates are split in the order i, f, o, g.
     """
 
-    def __init__(self, channels: int, n_layers: int = 1, forget_bias: float = 0.0):
+    def __init__(self, channels: int, n_layers: int = 1):
         super().__init__()
         self.channels = channels
         self.input_convs = nn.ModuleList(
@@ -215,9 +214,6 @@ class ConvLSTM(nn.Module):
         )
         for conv in list(self.input_convs) + list(self.state_convs):
             init_lecun(conv)
-        with torch.no_grad():
-            for conv in self.input_convs:  # gates are i, f, o, g: the second chunk is the forget gate
-                conv.bias[channels : 2 * channels] = forget_bias
 
     @staticmethod
     def _cell(gates: torch.Tensor, c: Optional[torch.Tensor]):
@@ -395,7 +391,7 @@ class Generator(nn.Module):
         ch, k = cfg.clstm_ch, cfg.n_classes
         self.fc = nn.Linear(cfg.z_dim, ch * cfg.t_size * cfg.t_size)
         init_lecun(self.fc)
-        self.clstm = ConvLSTM(ch, cfg.clstm_layers, cfg.lstm_forget_bias)
+        self.clstm = ConvLSTM(ch, cfg.clstm_layers)
         self.base = nn.ModuleList()
         for out_ch in cfg.base_channels:
             self.base.append(UpBlock(ch, out_ch, k))

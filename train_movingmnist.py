@@ -27,6 +27,8 @@ DEFAULTS = dict(
     snapshot_every=1000,
     workers=2,
     sample_grid=8,
+    eval_metric="digits",
+    eval_samples=512,
 )
 
 DESCRIPTION = __doc__ + """

@@ -36,7 +36,7 @@ from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoa
 # Flags that define the experiment: on --resume they come from the checkpoint, not the command line.
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
                    "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
-                   "split", "sync_bn", "recipe", "ema_decay", "r1_every", "lstm_forget_bias", "content_skip")
+                   "split", "sync_bn", "recipe", "ema_decay", "content_skip")
 
 # Adam's epsilon as Chainer applies it: added to sqrt(v) before bias correction (the authors' optimiser).
 CHAINER_ADAM_EPS = 8e-8
@@ -44,10 +44,8 @@ CHAINER_ADAM_EPS = 8e-8
 # Training recipes: the authors' exactly (`paper`), and this project's default, chosen by measuring quality at
 # equal wall-clock on 64-px moving digits (README, "Recipe").  Explicit flags override a recipe's values.
 RECIPES = {
-    "paper": dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, ema_decay=0.0, r1_every=1,
-                  lstm_forget_bias=0.0, content_skip=False),
-    "tuned": dict(amp="auto", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, ema_decay=0.0, r1_every=1,
-                  lstm_forget_bias=0.0, content_skip=False),
+    "paper": dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, ema_decay=0.0, content_skip=False),
+    "tuned": dict(amp="auto", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, ema_decay=0.0, content_skip=True),
 }
 
 
@@ -82,8 +80,6 @@ class TrainConfig:
     beta1: Optional[float] = None  # recipe
     beta2: Optional[float] = None  # recipe
     ema_decay: Optional[float] = None  # recipe
-    r1_every: Optional[int] = None  # recipe
-    lstm_forget_bias: Optional[float] = None  # recipe
     content_skip: Optional[bool] = None  # recipe
     amp: Optional[str] = None  # recipe: "auto", "none" or "bf16"
     gp_weight: float = 0.5
@@ -116,6 +112,7 @@ class TrainConfig:
     tensorboard: Optional[bool] = None  # None: on when the tensorboard package is installed
     # Evaluation during training (UCF-101 metrics).
     eval_every: int = 0
+    eval_metric: str = "video"  # "video": IS / FVD (UCF-101); "digits": evaluate.py digits (Moving MNIST)
     eval_samples: int = 2048
     c3d_weights: Optional[str] = None
     c3d_mean: Optional[str] = None
@@ -170,9 +167,6 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
     p.add_argument("--ema-decay", type=unit_interval,
                    help="exponential moving average of G's weights for samples, snapshots and evaluation; "
                         "0 = off (recipe)")
-    p.add_argument("--r1-every", type=positive_int,
-                   help="lazy R1: compute the penalty every N iterations, weighted by N (recipe)")
-    p.add_argument("--lstm-forget-bias", type=float, help="initial bias of the ConvLSTM's forget gate (recipe)")
     p.add_argument("--content-skip", action=argparse.BooleanOptionalAction,
                    help="add z's projection to every ConvLSTM output, so every frame sees the latent (recipe)")
     p.add_argument("--gp-weight", type=non_negative_float,
@@ -209,6 +203,11 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
                    help="channels-last memory layout for the 2-D generator and the 3-D discriminators")
     if video_metrics:
         add_evaluation_flags(p)
+    else:
+        p.add_argument("--eval-every", type=non_negative_int,
+                       help="every N iterations add the moving-digit scores of `evaluate.py digits` (--eval-samples "
+                            "samples against 512 procedural real clips) to metrics.jsonl; 0 = never")
+        p.add_argument("--eval-samples", type=positive_int, help="generated videos per evaluation")
     if conditional:
         p.add_argument("--conditional", action="store_true",
                        help="class-conditional TGANv2: categorical BatchNorm in G, a projection term in every D "
@@ -297,7 +296,6 @@ class Trainer:
         self.opt_d = torch.optim.Adam(self.dis.parameters(), lr=config.lr_d, **adam)
         self.dis_params = list(self.dis.parameters())
         self.ema_decay = config.ema_decay
-        self.r1_every = config.r1_every
         # The averaged generator: weights and BatchNorm statistics, never trained directly.
         self.gen_ema = copy.deepcopy(self.gen).requires_grad_(False).eval() if self.ema_decay > 0 else None
         self.iteration = 0
@@ -348,8 +346,7 @@ class Trainer:
         if self.channels_last:
             x_real = x_real.contiguous(memory_format=torch.channels_last_3d)
         real = real_pyramid(x_real, cfg.subsample_frames, cfg.subsample_batch)
-        with_r1 = self.iteration % self.r1_every == 0
-        real = [x.detach().requires_grad_(with_r1) for x in real]
+        real = [x.detach().requires_grad_(True) for x in real]
         real_labels = level_labels(labels, cfg.subsample_batch)
         z = self.gen.sample_z(x_real.shape[0]) if z is None else z
         if fake_labels is None:
@@ -370,21 +367,15 @@ class Trainer:
         self.opt_g.step()
         self.update_ema()
 
-        # 2. discriminator on the same forward passes, plus R1 on the real pyramid (lazily: every
-        # r1_every-th iteration, weighted by r1_every).
+        # 2. discriminator on the same forward passes, plus R1 on the real pyramid.
         loss_adv = discriminator_loss(y_real, y_fake)
-        loss_d = loss_adv
-        if with_r1:
-            r1 = r1_penalty(y_real, real)
-            loss_d = loss_adv + self.config.gp_weight * self.r1_every * r1
-        else:
-            r1 = torch.zeros((), device=loss_adv.device)
+        r1 = r1_penalty(y_real, real)
+        loss_d = loss_adv + self.config.gp_weight * r1
         self.opt_d.zero_grad(set_to_none=True)
         torch.autograd.backward(loss_d, inputs=self.dis_params)
         average_gradients(self.dis)
         self.opt_d.step()
-        # r1 is reported times r1_every on the steps that compute it, so its running mean estimates the penalty.
-        return {"loss_g": loss_g.detach(), "loss_d": loss_adv.detach(), "r1": r1.detach() * self.r1_every}
+        return {"loss_g": loss_g.detach(), "loss_d": loss_adv.detach(), "r1": r1.detach()}
 
     def state_dict(self) -> dict:
         state = {"generator": self.gen.state_dict(), "discriminator": self.dis.state_dict(),
@@ -534,7 +525,7 @@ def check_clip_geometry(config: TrainConfig) -> None:
 
 def load_eval_models(config: TrainConfig, device):
     """The evaluation networks ``--eval-every`` needs, or ``None`` when evaluation is off."""
-    if not config.eval_every:
+    if not config.eval_every or config.eval_metric != "video":
         return None
     from evaluate import EvalModels, load_c3d, load_i3d, load_statistics
 
@@ -635,8 +626,7 @@ def build_trainer(config: TrainConfig, n_classes: int, device: torch.device, ran
     seed_everything(config.seed)
     cfg = model_config(config.preset, resolution=config.resolution, n_frames=config.n_frames,
                        subsample_frames=config.subsample_frames, subsample_batch=config.subsample_batch,
-                       n_classes=n_classes, lstm_forget_bias=config.lstm_forget_bias,
-                       content_skip=config.content_skip)
+                       n_classes=n_classes, content_skip=config.content_skip)
     trainer = Trainer(cfg, config, device)
     broadcast_module(trainer.gen)
     broadcast_module(trainer.dis)
@@ -757,17 +747,21 @@ class Run:
             self.board.gif("samples", path, iteration)
 
     def evaluate(self, iteration: int) -> None:
-        """IS / FVD of the sampling generator into metrics.jsonl and TensorBoard (main process)."""
-        if self.eval_models is None:
+        """IS / FVD, or the moving-digit scores, of the sampling generator into metrics.jsonl and TensorBoard."""
+        if not self.is_main:
             return
-        from evaluate import evaluate_generator
+        from evaluate import digit_metrics_for_generator, evaluate_generator
 
-        scores = evaluate_generator(self.trainer.sampler, self.eval_models, n_samples=self.config.eval_samples,
-                                    n_frames=self.trainer.cfg.n_frames, seed=self.config.seed)
+        if self.config.eval_metric == "digits":
+            scores = digit_metrics_for_generator(self.trainer.sampler, n_samples=self.config.eval_samples,
+                                                 n_frames=self.trainer.cfg.n_frames, seed=self.config.seed)
+        else:
+            scores = evaluate_generator(self.trainer.sampler, self.eval_models, n_samples=self.config.eval_samples,
+                                        n_frames=self.trainer.cfg.n_frames, seed=self.config.seed)
         record = {"iteration": iteration, **{k: v for k, v in scores.items() if not k.endswith("_runs")}}
         self.write_metrics(record)
-        tqdm.write(f"iteration {iteration}: " + ", ".join(f"{k} {record[k]:.3f}" for k in ("IS", "FVD", "accuracy")
-                                                          if k in record))
+        shown = ("IS", "FVD", "accuracy", "identity_consistency", "frechet_distance", "motion_ratio")
+        tqdm.write(f"iteration {iteration}: " + ", ".join(f"{k} {record[k]:.3f}" for k in shown if k in record))
 
     def snapshot(self, iteration: int) -> None:
         """``OUT/snapshots/snapshot_XXXXXX.pt``: the sampling generator only (see :meth:`Trainer.snapshot`)."""

@@ -1,5 +1,6 @@
-"""Training recipes: the authors' constants, the EMA generator, lazy R1 and per-clip real offsets."""
+"""Training recipes: the authors' constants, the EMA generator, the content skip, per-clip real offsets, --eval-every."""
 
+import json
 import math
 
 import pytest
@@ -20,7 +21,9 @@ def parse(*argv):
 def test_paper_recipe_is_the_authors_and_flags_override_a_recipe():
     paper = parse("--recipe", "paper")
     assert (paper.amp, paper.lr_g, paper.lr_d, paper.beta1, paper.beta2) == ("none", 1e-4, 1e-4, 0.0, 0.9)
-    assert (paper.ema_decay, paper.r1_every, paper.lstm_forget_bias) == (0.0, 1, 0.0)
+    assert (paper.ema_decay, paper.content_skip) == (0.0, False)
+    tuned = parse()
+    assert (tuned.recipe, tuned.amp, tuned.content_skip, tuned.ema_decay) == ("tuned", "auto", True, 0.0)
     assert parse("--recipe", "paper", "--lr-g", "3e-4").lr_g == 3e-4
     assert parse().recipe == "tuned"
 
@@ -61,23 +64,6 @@ def test_real_offsets_are_drawn_per_clip():
     assert torch.equal(first - first[:, :1], torch.tensor([0.0, 2.0, 4.0, 6.0]).expand(64, 4))
     one = subsample(x, 2, 1, time_dim=2, offset=1)
     assert torch.equal(one[:, 0, :, 0, 0] - 8 * torch.arange(64)[:, None], torch.tensor([1.0, 3, 5, 7]).expand(64, 4))
-
-
-def test_forget_gate_bias_initialisation():
-    gen = Generator(model_config("movingmnist", lstm_forget_bias=1.0))
-    bias = gen.clstm.input_convs[0].bias.view(4, -1)  # gates i, f, o, g
-    assert torch.all(bias[1] == 1.0) and torch.all(bias[[0, 2, 3]] == 0.0)
-
-
-def test_lazy_r1_runs_every_k_iterations_weighted_by_k():
-    args = parse("--recipe", "paper", "--r1-every", "3")
-    t = trainer.Trainer(model_config("movingmnist", n_frames=8), args, torch.device("cpu"))
-    x = torch.rand(2, 1, 8, 64, 64) * 2 - 1
-    r1 = []
-    for i in range(4):
-        t.set_iteration(i)
-        r1.append(t.step(x)["r1"].item())
-    assert r1[1] == r1[2] == 0.0 and r1[0] > 0 and r1[3] > 0
 
 
 def test_ema_generator_is_checkpointed_and_resumes_exactly(tmp_path):
@@ -128,3 +114,21 @@ def test_content_skip_adds_the_latent_projection_to_every_frame():
         gen.generate(z, 4)
     x0 = plain.fc(z).view(2, 1, 256, 4, 4)
     torch.testing.assert_close(seen["skip"].view(2, 4, 256, 4, 4), seen["plain"].view(2, 4, 256, 4, 4) + x0)
+
+
+def test_eval_every_adds_digit_scores_to_metrics(tmp_path, monkeypatch):
+    import evaluate
+
+    calls = []
+
+    def fake_scores(gen, n_samples, n_frames, seed):
+        calls.append((n_samples, n_frames, gen.training))
+        return {"identity_consistency": 0.5, "frechet_distance": 12.0}
+
+    monkeypatch.setattr(evaluate, "digit_metrics_for_generator", fake_scores)
+    train_movingmnist.main([*FAST, "--out", str(tmp_path), "--iterations", "2", "--eval-every", "2",
+                            "--eval-samples", "4"])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in records if "identity_consistency" in r]
+    assert calls == [(4, 16, True)] and scored == [{"iteration": 2, "identity_consistency": 0.5,
+                                                   "frechet_distance": 12.0}]

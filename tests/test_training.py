@@ -129,6 +129,14 @@ def test_eval_every_adds_fvd_to_the_metrics(tmp_path):
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in torch 2.14
         torch.jit.script(TinyI3D()).save(str(tmp_path / "i3d.pt"))
     save_statistics(tmp_path / "real.npz", np.zeros(6), np.eye(6), feature="i3d")
+    # IS / FVD flags belong to train_ucf101.py; its parser on Moving MNIST data keeps this test fast.
+    parser = trainer.build_parser(train_movingmnist.DESCRIPTION, {**train_movingmnist.DEFAULTS, "eval_metric": "video"},
+                                  prog="test", conditional=False, video_metrics=True)
+
+    def run(out, *extra):
+        return trainer.main(parser, train_movingmnist.open_dataset, train_movingmnist.genSamples,
+                            [*FAST, "--out", str(out), *extra])
+
     run(tmp_path / "run", "--iterations", "2", "--eval-every", "1", "--eval-samples", "3", "--i3d",
         str(tmp_path / "i3d.pt"), "--i3d-stats", str(tmp_path / "real.npz"))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

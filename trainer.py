@@ -309,7 +309,7 @@ class Trainer:
         return self.gen_ema if self.gen_ema is not None else self.gen
 
     def set_iteration(self, iteration: int) -> None:
-        """Prepare the update of 0-based ``iteration``: learning rates, Adam's epsilon, the R1 schedule."""
+        """Prepare the update of 0-based ``iteration``: learning rates, Adam's epsilon, the EMA warm-up."""
         a = self.config
         self.iteration = iteration
         # Chainer's eps on sqrt(v) before bias correction equals eps / sqrt(1 - beta2^t) after it.

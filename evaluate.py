@@ -813,11 +813,6 @@ def _presence_targets(digits: np.ndarray, repeats: int) -> np.ndarray:
     return np.repeat(targets, repeats, axis=0)
 
 
-def _uint8_batches(videos: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
-    for start in range(0, len(videos), batch_size):
-        yield to_unit_range(videos[start : start + batch_size])
-
-
 @torch.no_grad()
 def digit_set_accuracy(classifier: DigitClassifier, videos: np.ndarray, digits: np.ndarray,
                        batch_size: int = 32) -> float:
@@ -827,7 +822,7 @@ def digit_set_accuracy(classifier: DigitClassifier, videos: np.ndarray, digits: 
     """
     device = next(classifier.parameters()).device
     presence = np.concatenate([digit_frame_outputs(classifier, batch.to(device))["presence"]
-                               for batch in _uint8_batches(videos, batch_size)])
+                               for batch in clip_array_batches(videos, batch_size)])
     return float((frame_digit_sets(presence) == true_digit_sets(digits)[:, None]).mean())
 
 

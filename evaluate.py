@@ -572,11 +572,12 @@ def real_statistics(models: EvalModels, feature: str, stats_path=None, real_vide
 # the ten digits a frame shows (multi-label) and gives a 128-d feature per frame; motion is
 # measured on the pixels.  Every score is reported next to the same score of real clips.
 
-DIGIT_CLASSIFIER_FORMAT = "tganv2-digit-classifier/1"  # bump when the network, the recipe or the set rule changes
+DIGIT_CLASSIFIER_FORMAT = "tganv2-digit-classifier/1"  # bump when the network or the training recipe changes
 DEFAULT_DIGIT_CLASSIFIER = Path("~/.cache/tganv2/digit_classifier.pt")
 REAL_DIGITS_SEED = 2000  # the procedural real reference clips
 HELD_OUT_DIGITS_SEED = 2001  # the held-out real clips of the control table
 DIGIT_SIZE = 64
+FIRST_DIGIT_THRESHOLD = 0.5  # presence probability the top digit needs for a frame to show any digit
 SECOND_DIGIT_THRESHOLD = 0.3  # presence probability above which the runner-up digit joins a frame's set
 CONTROL_BLUR_SIGMA = 1.5  # pixels, the "blurred" control
 DIGIT_SCORES = ("digit_score", "identity_consistency", "motion", "diversity")
@@ -647,15 +648,17 @@ class DigitClassifier(nn.Module):
 def frame_digit_sets(presence: np.ndarray) -> np.ndarray:
     """Each frame's digit set as a 10-bit mask: presence probabilities ``(..., 10)`` -> int64 ``(...)``.
 
-    The most likely digit is always in the set; the runner-up joins it when its own probability
+    The most likely digit is in the set when its probability exceeds :data:`FIRST_DIGIT_THRESHOLD`
+    (else the set is empty, 0: no digit is shown); the runner-up joins it when its own probability
     exceeds :data:`SECOND_DIGIT_THRESHOLD`.  So two different digits give both, the same digit
     twice gives a set of one (where "top two" would add an arbitrary second digit that changes from
     frame to frame), and a frame never has more than two.
     """
     order = np.argsort(-presence, axis=-1, kind="stable")
     first, second = order[..., 0], order[..., 1]
-    p_second = np.take_along_axis(presence, second[..., None], axis=-1)[..., 0]
-    return (1 << first) | np.where(p_second > SECOND_DIGIT_THRESHOLD, 1 << second, 0)
+    p_first, p_second = (np.take_along_axis(presence, i[..., None], axis=-1)[..., 0] for i in (first, second))
+    sets = (1 << first) | np.where(p_second > SECOND_DIGIT_THRESHOLD, 1 << second, 0)
+    return np.where(p_first > FIRST_DIGIT_THRESHOLD, sets, 0)
 
 
 def true_digit_sets(digits: np.ndarray) -> np.ndarray:
@@ -669,11 +672,6 @@ def _presence_targets(digits: np.ndarray, repeats: int) -> np.ndarray:
     return np.repeat(targets, repeats, axis=0)
 
 
-def _uint8_batches(videos: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
-    for start in range(0, len(videos), batch_size):
-        yield to_unit_range(videos[start : start + batch_size])
-
-
 @torch.no_grad()
 def digit_set_accuracy(classifier: DigitClassifier, videos: np.ndarray, digits: np.ndarray,
                        batch_size: int = 32) -> float:
@@ -683,7 +681,7 @@ def digit_set_accuracy(classifier: DigitClassifier, videos: np.ndarray, digits: 
     """
     device = next(classifier.parameters()).device
     presence = np.concatenate([digit_frame_outputs(classifier, batch.to(device))["presence"]
-                               for batch in _uint8_batches(videos, batch_size)])
+                               for batch in clip_array_batches(videos, batch_size)])
     return float((frame_digit_sets(presence) == true_digit_sets(digits)[:, None]).mean())
 
 
@@ -865,8 +863,8 @@ def digit_summary(outputs: Dict[str, np.ndarray]) -> Dict[str, object]:
       presence probabilities normalised to sum to 1 and ``p(y)`` their mean (at most about 5: two
       sure digits give ``p(y|x)`` of entropy ln 2 and ``p(y)`` is uniform over 10; real clips 4.3).
     - ``identity_consistency``: per clip, the fraction of frames whose digit set
-      (:func:`frame_digit_sets`) is the clip's most frequent one; mean over clips (1 when digits
-      keep their identity).
+      (:func:`frame_digit_sets`) is the clip's most frequent non-empty one; mean over clips (1 when
+      digits keep their identity, 0 when no frame shows a digit).
     - ``motion``: :func:`clip_motion`, mean over clips (pixels per frame).
     - ``diversity``: mean Euclidean distance between the clip features (frame features averaged
       over time) of all pairs of clips.
@@ -879,7 +877,8 @@ def digit_summary(outputs: Dict[str, np.ndarray]) -> Dict[str, object]:
     probs = presence.reshape(n * t, -1)
     probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
     sets = frame_digit_sets(presence)
-    dominant = (sets[:, :, None] == sets[:, None, :]).sum(-1).max(-1) / t  # frames in each clip's most frequent set
+    same = (sets[:, :, None] == sets[:, None, :]) & (sets[:, :, None] != 0)  # frames without a digit never match
+    dominant = same.sum(-1).max(-1) / t  # frames in each clip's most frequent (non-empty) set
     return {"digit_score": float(split_inception_scores(probs)[0]),
             "identity_consistency": float(dominant.mean()),
             "motion": float(outputs["motion"].mean()),
@@ -940,7 +939,7 @@ def read_clip_array(path, n_frames: int, layout: str = "NTHW") -> np.ndarray:
 def clip_array_batches(clips: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
     """Batches ``(B, C, T, H, W)`` in ``[-1, 1]`` of a uint8 or float (already in ``[-1, 1]``) clip array."""
     for start in range(0, len(clips), batch_size):
-        part = np.ascontiguousarray(clips[start : start + batch_size])
+        part = np.array(clips[start : start + batch_size])  # a writable copy of a memory-mapped file
         yield to_unit_range(part) if part.dtype == np.uint8 else torch.from_numpy(part).float()
 
 

@@ -572,7 +572,7 @@ def real_statistics(models: EvalModels, feature: str, stats_path=None, real_vide
 # the ten digits a frame shows (multi-label) and gives a 128-d feature per frame; motion is
 # measured on the pixels.  Every score is reported next to the same score of real clips.
 
-DIGIT_CLASSIFIER_FORMAT = "tganv2-digit-classifier/1"  # bump when the network or the training recipe changes
+DIGIT_CLASSIFIER_FORMAT = "tganv2-digit-classifier/2"  # bump when the network or the training recipe changes
 DEFAULT_DIGIT_CLASSIFIER = Path("~/.cache/tganv2/digit_classifier.pt")
 REAL_DIGITS_SEED = 2000  # the procedural real reference clips
 HELD_OUT_DIGITS_SEED = 2001  # the held-out real clips of the control table
@@ -594,6 +594,7 @@ class DigitClassifierSettings:
     batch_size: int = 64
     lr: float = 3e-3  # peak of a one-cycle schedule (Adam)
     n_test_clips: int = 300  # held-out clips (all 16 frames) for the accuracy stored with the weights
+    negative_fraction: float = 0.125  # extra frames showing no digit (all-zero targets), per digit frame
 
 
 DIGIT_CLASSIFIER_SETTINGS = DigitClassifierSettings()  # what the command line and the training hook use
@@ -666,6 +667,22 @@ def true_digit_sets(digits: np.ndarray) -> np.ndarray:
     return np.bitwise_or.reduce(np.left_shift(1, digits), axis=-1)
 
 
+def no_digit_frames(frames: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` uint8 frames ``(n, 1, H, W)`` that show no digit, a third each of three kinds: uniform noise,
+    a constant grey level, and a frame of ``frames`` (uint8 ``(M, 1, H, W)``) with its pixels shuffled
+    (a digit frame's brightness without its shape).  The classifier learns all-zero targets for them,
+    so noise or blank frames count as showing no digit instead of a confident arbitrary one.
+    """
+    rng = np.random.default_rng(seed)
+    kind = np.arange(n) % 3
+    out = rng.integers(0, 256, (n, *frames.shape[1:]), dtype=np.uint8)  # kind 0: noise
+    out[kind == 1] = rng.integers(0, 256, (int((kind == 1).sum()), 1, 1, 1), dtype=np.uint8)
+    for i in np.flatnonzero(kind == 2):
+        source = frames[rng.integers(len(frames))]
+        out[i] = rng.permutation(source.reshape(-1)).reshape(source.shape)
+    return out
+
+
 def _presence_targets(digits: np.ndarray, repeats: int) -> np.ndarray:
     targets = np.zeros((len(digits), 10), np.float32)
     targets[np.arange(len(digits))[:, None], digits] = 1.0
@@ -690,7 +707,8 @@ def train_digit_classifier(settings: DigitClassifierSettings = DIGIT_CLASSIFIER_
     """Train a :class:`DigitClassifier` on procedural frames with a multi-label BCE loss.
 
     ``settings.n_clips`` clips from ``settings.seed`` give ``frames_per_clip`` frames each, the
-    target being which digits the clip holds (one or two).  Deterministic for given settings and
+    target being which digits the clip holds (one or two), plus ``negative_fraction`` as many
+    :func:`no_digit_frames` whose target is no digit.  Deterministic for given settings and
     device; the global RNGs are left as they were (a training run calls this).  Returns the model
     in eval mode with ``info = {"accuracy": exact-set accuracy on every frame of
     settings.n_test_clips held-out clips, "train_seconds": ...}``.
@@ -698,8 +716,11 @@ def train_digit_classifier(settings: DigitClassifierSettings = DIGIT_CLASSIFIER_
     start = time.perf_counter()
     videos, digits = procedural_clips(settings.n_clips, 16, settings.seed)
     keep = np.linspace(0, 15, settings.frames_per_clip).round().astype(int)
-    frames = torch.from_numpy(np.ascontiguousarray(videos[:, 0, keep].reshape(-1, 1, DIGIT_SIZE, DIGIT_SIZE)))
-    targets = torch.from_numpy(_presence_targets(digits, settings.frames_per_clip))
+    frames = np.ascontiguousarray(videos[:, 0, keep].reshape(-1, 1, DIGIT_SIZE, DIGIT_SIZE))
+    negatives = no_digit_frames(frames, round(settings.negative_fraction * len(frames)), settings.seed + 2)
+    frames = torch.from_numpy(np.concatenate([frames, negatives]))
+    targets = _presence_targets(digits, settings.frames_per_clip)
+    targets = torch.from_numpy(np.concatenate([targets, np.zeros((len(negatives), 10), np.float32)]))
     with torch.random.fork_rng(devices=[]):  # weight init draws from the global CPU RNG; CUDA's is not touched
         torch.random.default_generator.manual_seed(settings.seed)
         model = DigitClassifier()

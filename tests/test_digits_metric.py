@@ -133,6 +133,19 @@ def test_classifier_cache_is_reused_and_retrained_when_settings_change(tmp_path,
     assert len(trained) == 2 and torch.load(path, weights_only=True)["settings"]["epochs"] == 2
 
 
+def test_no_digit_frames_are_noise_constant_or_shuffled_digit_frames():
+    frames, _ = procedural_clips(4, 2, seed=5)
+    frames = frames[:, 0].reshape(-1, 1, 64, 64)
+    negatives = evaluate.no_digit_frames(frames, 9, seed=3)
+    assert negatives.shape == (9, 1, 64, 64) and negatives.dtype == np.uint8
+    assert np.array_equal(negatives, evaluate.no_digit_frames(frames, 9, seed=3))
+    noise, constant, shuffled = negatives[0::3], negatives[1::3], negatives[2::3]
+    assert all(len(np.unique(f)) > 200 for f in noise)
+    assert all(len(np.unique(f)) == 1 for f in constant)
+    histograms = {tuple(np.bincount(f.ravel(), minlength=256)) for f in frames}
+    assert all(tuple(np.bincount(f.ravel(), minlength=256)) in histograms for f in shuffled)
+
+
 def test_training_is_deterministic_and_leaves_the_global_rng_alone():
     tiny = DigitClassifierSettings(n_clips=8, frames_per_clip=2, epochs=1, n_test_clips=2)
     torch.manual_seed(123)
@@ -154,6 +167,7 @@ def test_controls_score_worse_than_held_out_real(classifier):
     assert rows["blurred"]["frechet_distance"] > 3 * held_out["frechet_distance"]
     assert rows["noise"]["frechet_distance"] > 10 * held_out["frechet_distance"]
     assert rows["noise"]["motion_ratio"] > 2.0 and rows["noise"]["diversity_ratio"] < 0.7
+    assert rows["noise"]["identity_consistency"] < 0.5 * held_out["identity_consistency"]  # noise shows no digit
     for row in rows.values():
         assert set(row) == SCORES - {k for k in SCORES if k.startswith("real_")}
         assert all(np.isfinite(v) for v in row.values())

@@ -104,8 +104,6 @@ def model_config(preset: str, resolution: Optional[int] = None, **overrides) -> 
         )
     if any(s < 1 for s in cfg.subsample_frames + cfg.subsample_batch):
         raise ValueError("subsampling strides must be >= 1")
-    if not cfg.dis_channels or any(c < 1 for c in cfg.dis_channels):
-        raise ValueError(f"--dis-channels needs positive channel counts, got {cfg.dis_channels}")
     return cfg
 
 

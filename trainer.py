@@ -36,7 +36,7 @@ from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoa
 # Flags that define the experiment: on --resume they come from the checkpoint, not the command line.
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
                    "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
-                   "split", "sync_bn", "recipe", "ema_decay", "content_skip", "dis_channels")
+                   "split", "sync_bn", "recipe", "ema_decay", "content_skip")
 
 # Adam's epsilon as Chainer applies it: added to sqrt(v) before bias correction (the authors' optimiser).
 CHAINER_ADAM_EPS = 8e-8
@@ -86,7 +86,6 @@ class TrainConfig:
     lr_decay_start: int = -1
     subsample_frames: List[int] = field(default_factory=lambda: [2, 2, 2])
     subsample_batch: List[int] = field(default_factory=lambda: [1, 1, 1])
-    dis_channels: Optional[List[int]] = None  # None: the preset's
     seed: int = 0
     conditional: bool = False
     sync_bn: bool = True
@@ -178,8 +177,6 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
                    help="frame stride between consecutive levels, comma-separated (one per transition)")
     p.add_argument("--subsample-batch", type=int_list,
                    help="batch stride between consecutive levels, comma-separated (1 = keep every sample)")
-    p.add_argument("--dis-channels", type=int_list,
-                   help="channels of each discriminator's five blocks, comma-separated; default: the preset's")
     p.add_argument("--sample-every", type=positive_int, help="write a GIF sample grid every N iterations")
     p.add_argument("--checkpoint-every", type=positive_int, help="write OUT/checkpoint.pt every N iterations")
     p.add_argument("--snapshot-every", type=non_negative_int,
@@ -629,7 +626,7 @@ def build_trainer(config: TrainConfig, n_classes: int, device: torch.device, ran
     seed_everything(config.seed)
     cfg = model_config(config.preset, resolution=config.resolution, n_frames=config.n_frames,
                        subsample_frames=config.subsample_frames, subsample_batch=config.subsample_batch,
-                       n_classes=n_classes, content_skip=config.content_skip, dis_channels=config.dis_channels)
+                       n_classes=n_classes, content_skip=config.content_skip)
     trainer = Trainer(cfg, config, device)
     broadcast_module(trainer.gen)
     broadcast_module(trainer.dis)

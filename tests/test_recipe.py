@@ -132,21 +132,3 @@ def test_eval_every_adds_digit_scores_to_metrics(tmp_path, monkeypatch):
     scored = [r for r in records if "identity_consistency" in r]
     assert calls == [(4, 16, True)] and scored == [{"iteration": 2, "identity_consistency": 0.5,
                                                    "frechet_distance": 12.0}]
-
-
-def test_dis_channels_sets_every_discriminators_widths_and_is_saved(tmp_path):
-    train_movingmnist.main([*FAST, "--out", str(tmp_path), "--iterations", "1", "--dis-channels", "8,8,16,16,32"])
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["dis_channels"] == [8, 8, 16, 16, 32] and config["model"]["dis_channels"] == [8, 8, 16, 16, 32]
-    state = load_checkpoint(tmp_path / "checkpoint.pt")["discriminator"]
-    linears = [v for k, v in state.items() if k.endswith("linear.weight")]
-    assert len(linears) == 4 and all(w.shape == (1, 32) for w in linears)
-    assert parse().dis_channels is None  # the preset's widths
-
-
-def test_bad_dis_channels_is_a_one_line_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train_movingmnist.main([*FAST, "--out", str(tmp_path), "--iterations", "1", "--dis-channels", "8,0,16"])
-    assert exit_info.value.code != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--dis-channels" in err[0]

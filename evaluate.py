@@ -580,7 +580,7 @@ DIGIT_SIZE = 64
 FIRST_DIGIT_THRESHOLD = 0.5  # presence probability the top digit needs for a frame to show any digit
 SECOND_DIGIT_THRESHOLD = 0.3  # presence probability above which the runner-up digit joins a frame's set
 CONTROL_BLUR_SIGMA = 1.5  # pixels, the "blurred" control
-DIGIT_SCORES = ("digit_score", "identity_consistency", "motion", "diversity")
+DIGIT_SCORES = ("digit_score", "identity_consistency", "motion", "diversity", "first_frame_jump")
 
 
 @dataclass(frozen=True)
@@ -889,21 +889,28 @@ def digit_summary(outputs: Dict[str, np.ndarray]) -> Dict[str, object]:
     - ``motion``: :func:`clip_motion`, mean over clips (pixels per frame).
     - ``diversity``: mean Euclidean distance between the clip features (frame features averaged
       over time) of all pairs of clips.
+    - ``first_frame_jump``: the mean feature distance from frame 0 to frame 1 over the mean distance
+      between later consecutive frames (about 1 for real clips; above 1 when frame 0 looks unlike
+      the frames after it); needs ``T >= 3``.
     - ``stats``: mean and covariance of the 128-d frame features, for the Fréchet distance.
     """
     presence, features = outputs["presence"], outputs["features"]
     n, t = presence.shape[:2]
     if n < 2:
         raise InputError(f"need at least 2 clips to score, got {n}")
+    if t < 3:
+        raise InputError(f"need at least 3 frames per clip to score, got {t}")
     probs = presence.reshape(n * t, -1)
     probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
     sets = frame_digit_sets(presence)
     same = (sets[:, :, None] == sets[:, None, :]) & (sets[:, :, None] != 0)  # frames without a digit never match
     dominant = same.sum(-1).max(-1) / t  # frames in each clip's most frequent (non-empty) set
+    steps = np.linalg.norm(np.diff(features, axis=1), axis=-1)  # (N, T - 1) feature change between frames
     return {"digit_score": float(split_inception_scores(probs)[0]),
             "identity_consistency": float(dominant.mean()),
             "motion": float(outputs["motion"].mean()),
             "diversity": float(torch.pdist(torch.from_numpy(features.mean(axis=1))).mean()),
+            "first_frame_jump": float(steps[:, 0].mean() / max(steps[:, 1:].mean(), 1e-12)),
             "stats": feature_statistics(features.reshape(n * t, -1))}
 
 
@@ -1119,7 +1126,7 @@ def add_digits_parser(sub) -> argparse.ArgumentParser:
     opts.add_argument("--real", metavar="PATH",
                       help="real clips instead of procedural ones: a Moving-MNIST-layout .npy (T, N, 64, 64) uint8 "
                            "such as mnist_test_seq.npy, or a folder of videos")
-    opts.add_argument("--frames", type=positive_int, default=16, help="frames per clip, at least 2 (default 16)")
+    opts.add_argument("--frames", type=positive_int, default=16, help="frames per clip, at least 3 (default 16)")
     opts.add_argument("--level", type=positive_int, default=None,
                       help="generator level to render (1-based; default the last); frames are resized to 64x64")
     opts.add_argument("--no-ema", dest="ema", action="store_false",
@@ -1145,8 +1152,8 @@ def run_digits(args: argparse.Namespace) -> Dict[str, object]:
         raise InputError("digits: give --checkpoint CKPT, --videos DIR or --npy FILE (or --controls)")
     if args.controls and (args.checkpoint or args.videos or args.npy):
         raise InputError("--controls scores held-out real clips: leave out --checkpoint/--videos/--npy")
-    if args.frames < 2:
-        raise InputError(f"--frames {args.frames}: motion needs at least 2 frames")
+    if args.frames < 3:
+        raise InputError(f"--frames {args.frames}: the scores need at least 3 frames")
     if args.level is not None and not args.checkpoint:
         raise InputError("--level applies to --checkpoint only")
     device = pick_device(args.device)

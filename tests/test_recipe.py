@@ -132,3 +132,49 @@ def test_eval_every_adds_digit_scores_to_metrics(tmp_path, monkeypatch):
     scored = [r for r in records if "identity_consistency" in r]
     assert calls == [(4, 16, True)] and scored == [{"iteration": 2, "identity_consistency": 0.5,
                                                    "frechet_distance": 12.0}]
+
+
+def _step_grads(iteration, **settings):
+    """D's and G's gradients after one step at ``iteration`` of a fresh, seeded movingmnist trainer (8 frames)."""
+    torch.manual_seed(0)
+    config = trainer.TrainConfig(sync_bn=False, amp="none", channels_last=False, **settings)
+    t = trainer.Trainer(model_config("movingmnist", n_frames=8, content_skip=True), config, torch.device("cpu"))
+    x = torch.rand(2, 1, 8, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    t.set_iteration(iteration)
+    torch.manual_seed(2)  # latents and subsampling offsets
+    losses = t.step(x)
+    grads = [torch.cat([p.grad.flatten() for p in net.parameters()]) for net in (t.dis, t.gen)]
+    return losses, grads
+
+
+def test_lazy_r1_applies_the_penalty_every_k_iterations_weighted_by_k():
+    full, full_grads = _step_grads(0, r1_every=1, gp_weight=1.0)
+    lazy, lazy_grads = _step_grads(0, r1_every=2, gp_weight=0.5)  # iteration 0: penalty with weight 0.5 * 2
+    assert "r1" in lazy and torch.equal(lazy["r1"], full["r1"])
+    for a, b in zip(lazy_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    skipped, skipped_grads = _step_grads(1, r1_every=2, gp_weight=0.5)  # iteration 1: no penalty
+    plain, plain_grads = _step_grads(1, r1_every=1, gp_weight=0.0)
+    assert "r1" not in skipped and torch.equal(skipped["loss_d"], plain["loss_d"])
+    for a, b in zip(skipped_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    assert not torch.allclose(skipped_grads[0], lazy_grads[0])  # the penalty did change D's gradient
+
+
+def test_loss_meter_averages_r1_over_the_iterations_that_computed_it():
+    meter = trainer.LossMeter(torch.device("cpu"))
+    meter.add({"loss_g": torch.tensor(1.0), "loss_d": torch.tensor(2.0), "r1": torch.tensor(0.3)})
+    meter.add({"loss_g": torch.tensor(3.0), "loss_d": torch.tensor(4.0)})
+    values = meter.read()
+    assert (values["loss_g"], values["loss_d"]) == (2.0, 3.0)
+    assert values["r1"] == pytest.approx(0.3)
+    meter.add({"loss_g": torch.tensor(1.0), "loss_d": torch.tensor(1.0)})
+    assert "r1" not in meter.read()  # no iteration since the last read computed it
+
+
+def test_lazy_r1_run_logs_and_resumes(tmp_path):
+    train_movingmnist.main([*FAST, "--out", str(tmp_path), "--iterations", "3", "--r1-every", "2"])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert ["r1" in r for r in records] == [True, False, True]  # iterations 1-3 are 0-based 0-2
+    assert json.loads((tmp_path / "config.json").read_text())["r1_every"] == 2
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["config"]["r1_every"] == 2

@@ -350,51 +350,40 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int = Non
     return 2 * size**3 * reps / (time.perf_counter() - start) / 1e12
 
 
-def step_flops(cfg, config: TrainConfig, batch_size: int) -> float:
-    """FLOPs of one whole training step (forward, backward, R1 double backward), counted on meta.
-
-    With lazy R1 (``config.r1_every`` = k) the mean over k steps: one with R1, k - 1 without.
-    """
+def step_flops(cfg, config: TrainConfig, batch_size: int) -> int:
+    """FLOPs of one whole training step (forward, backward, R1 double backward), counted on meta."""
     meta = torch.device("meta")
     trainer = Trainer(cfg, dataclasses.replace(config, compile=False, amp="none"), meta)
     x = torch.empty(batch_size, cfg.out_channels, cfg.n_frames, cfg.resolutions[-1], cfg.resolutions[-1], device=meta)
-    k = config.r1_every
-    counted = []
-    for iteration in (0, 1) if k > 1 else (0,):
-        trainer.iteration = iteration
-        counter = LevelCounter(1)
-        with counter:
-            trainer.step(x)
-        counted.append(counter.flops[0])
-    return (counted[0] + (k - 1) * counted[-1]) / k
+    counter = LevelCounter(1)
+    with counter:
+        trainer.step(x)
+    return counter.flops[0]
 
 
 def measure_speed(preset: str = "movingmnist", batch_size: int = 8, device: str = "auto", amp: str = "none",
                   compile: bool = False, channels_last: bool = False, steps: int = 10, warmup: int = 3,
-                  subsample_frames=None, subsample_batch=None, r1_every: int = 1) -> dict:
+                  subsample_frames=None, subsample_batch=None) -> dict:
     """Time ``steps`` training iterations (``Trainer.step``) on random clips after ``warmup`` untimed ones.
 
-    Strides of 1 (``subsample_frames=[1, 1, 1]``) measure naive dense training; with lazy R1
-    (``r1_every`` > 1) time a multiple of ``r1_every`` steps for a fair mean.
+    Strides of 1 (``subsample_frames=[1, 1, 1]``) measure naive dense training.
     """
     device = pick_device(device)
     cfg = model_config(preset, subsample_frames=subsample_frames, subsample_batch=subsample_batch)
     config = TrainConfig(amp=amp, iterations=steps + warmup, sync_bn=False, compile=compile,
-                         channels_last=channels_last, r1_every=r1_every)
+                         channels_last=channels_last)
     flops = step_flops(cfg, config, batch_size)
     torch.manual_seed(0)
     trainer = Trainer(cfg, config, device)
     res = cfg.resolutions[-1]
     x = torch.rand(batch_size, cfg.out_channels, cfg.n_frames, res, res, device=device) * 2 - 1
-    for i in range(warmup):
-        trainer.set_iteration(i)
+    for _ in range(warmup):
         trainer.step(x)
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        trainer.set_iteration(i)
+    for _ in range(steps):
         losses = trainer.step(x)
     synchronize(device)
     seconds = (time.perf_counter() - start) / steps
@@ -405,7 +394,6 @@ def measure_speed(preset: str = "movingmnist", batch_size: int = 8, device: str 
             "subsample_frames": cfg.subsample_frames, "subsample_batch": cfg.subsample_batch,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "threads": torch.get_num_threads(), "amp": amp, "compile": compile, "channels_last": channels_last,
-            "r1_every": r1_every,
             "s_per_iter": seconds, "it_per_s": 1 / seconds, "samples_per_s": batch_size / seconds,
             "gflop_per_iter": flops / 1e9, "tflops": achieved, "peak_tflops": peak, "fraction_of_peak": achieved / peak,
             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
@@ -481,8 +469,7 @@ def add_speed_parser(subparsers) -> None:
     p.add_argument("--channels-last", action="store_true", help="channels-last layouts")
     p.add_argument("--subsample-frames", type=int_list, help="frame strides (1,1,1 = naive); default: the preset's")
     p.add_argument("--subsample-batch", type=int_list, help="batch strides; default: the preset's")
-    p.add_argument("--r1-every", type=int, default=1, help="lazy R1: the penalty every N iterations (as in training)")
-    p.add_argument("--steps", type=int, default=10, help="timed iterations (use a multiple of --r1-every)")
+    p.add_argument("--steps", type=int, default=10, help="timed iterations")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation, autotuning)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_speed)
@@ -490,15 +477,14 @@ def add_speed_parser(subparsers) -> None:
 
 def run_speed(args) -> dict:
     result = measure_speed(args.preset, args.batch_size, args.device, args.amp, args.compile, args.channels_last,
-                           args.steps, args.warmup, args.subsample_frames, args.subsample_batch, args.r1_every)
+                           args.steps, args.warmup, args.subsample_frames, args.subsample_batch)
     if args.json:
         print(json.dumps(result, indent=2))
         return result
     memory = result["peak_memory_bytes"]
     print(f"{result['preset']} batch {result['batch_size']} on {result['device']} ({result['device_name']}, "
           f"{result['threads']} threads), amp {result['amp']}, compile {result['compile']}, "
-          f"channels-last {result['channels_last']}, strides {result['subsample_frames']}/{result['subsample_batch']}, "
-          f"R1 every {result['r1_every']}:\n"
+          f"channels-last {result['channels_last']}, strides {result['subsample_frames']}/{result['subsample_batch']}:\n"
           f"  {result['s_per_iter']:.4f} s/iter, {result['samples_per_s']:.1f} samples/s, "
           f"{result['gflop_per_iter']:.1f} GFLOP/iter -> {result['tflops']:.3f} TFLOP/s of a measured "
           f"{result['peak_tflops']:.3f} TFLOP/s matmul peak ({100 * result['fraction_of_peak']:.0f}%)"

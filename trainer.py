@@ -36,7 +36,7 @@ from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoa
 # Flags that define the experiment: on --resume they come from the checkpoint, not the command line.
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
                    "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
-                   "split", "sync_bn", "recipe", "ema_decay", "content_skip", "r1_every")
+                   "split", "sync_bn", "recipe", "ema_decay", "content_skip")
 
 # Adam's epsilon as Chainer applies it: added to sqrt(v) before bias correction (the authors' optimiser).
 CHAINER_ADAM_EPS = 8e-8
@@ -83,7 +83,6 @@ class TrainConfig:
     content_skip: Optional[bool] = None  # recipe
     amp: Optional[str] = None  # recipe: "auto", "none" or "bf16"
     gp_weight: float = 0.5
-    r1_every: int = 1
     lr_decay_start: int = -1
     subsample_frames: List[int] = field(default_factory=lambda: [2, 2, 2])
     subsample_batch: List[int] = field(default_factory=lambda: [1, 1, 1])
@@ -172,9 +171,6 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
                    help="add z's projection to every ConvLSTM output, so every frame sees the latent (recipe)")
     p.add_argument("--gp-weight", type=non_negative_float,
                    help="weight of the zero-centred R1 penalty on real data (lambda)")
-    p.add_argument("--r1-every", type=positive_int,
-                   help="lazy R1: compute the penalty every N iterations, weighted by N (1 = every iteration, the "
-                        "authors' choice)")
     p.add_argument("--lr-decay-start", type=int,
                    help="iteration from which both learning rates decay linearly to 0 at --iterations; -1 = constant")
     p.add_argument("--subsample-frames", type=int_list,
@@ -276,7 +272,7 @@ class Trainer:
     """Holds the networks, optimizers and the update (docs/METHOD.md, 'Training step').
 
     ``step(x_real)`` runs one iteration on real clips ``(N, C, T, H, W)`` and returns the losses as
-    0-dim device tensors (no host sync); ``r1`` only on the iterations that compute it (``r1_every``).  Under torchrun, gradients are averaged across processes
+    0-dim device tensors (no host sync).  Under torchrun, gradients are averaged across processes
     after each backward; each process's R1 term is a sum over its own batch (see the README).
     """
 
@@ -350,9 +346,7 @@ class Trainer:
         if self.channels_last:
             x_real = x_real.contiguous(memory_format=torch.channels_last_3d)
         real = real_pyramid(x_real, cfg.subsample_frames, cfg.subsample_batch)
-        r1_every = self.config.r1_every
-        regularise = self.iteration % r1_every == 0
-        real = [x.detach().requires_grad_(regularise) for x in real]
+        real = [x.detach().requires_grad_(True) for x in real]
         real_labels = level_labels(labels, cfg.subsample_batch)
         z = self.gen.sample_z(x_real.shape[0]) if z is None else z
         if fake_labels is None:
@@ -373,20 +367,15 @@ class Trainer:
         self.opt_g.step()
         self.update_ema()
 
-        # 2. discriminator on the same forward passes, plus R1 on the real pyramid (every r1_every-th
-        # iteration, weighted by r1_every so the penalty's average strength is unchanged).
+        # 2. discriminator on the same forward passes, plus R1 on the real pyramid.
         loss_adv = discriminator_loss(y_real, y_fake)
-        loss_d = loss_adv
-        losses = {"loss_g": loss_g.detach(), "loss_d": loss_adv.detach()}
-        if regularise:
-            r1 = r1_penalty(y_real, real)
-            loss_d = loss_d + self.config.gp_weight * r1_every * r1
-            losses["r1"] = r1.detach()
+        r1 = r1_penalty(y_real, real)
+        loss_d = loss_adv + self.config.gp_weight * r1
         self.opt_d.zero_grad(set_to_none=True)
         torch.autograd.backward(loss_d, inputs=self.dis_params)
         average_gradients(self.dis)
         self.opt_d.step()
-        return losses
+        return {"loss_g": loss_g.detach(), "loss_d": loss_adv.detach(), "r1": r1.detach()}
 
     def state_dict(self) -> dict:
         state = {"generator": self.gen.state_dict(), "discriminator": self.dis.state_dict(),
@@ -589,24 +578,17 @@ BOARD_TAGS = {"loss_g": "loss/G", "loss_d": "loss/D", "r1": "loss/R1", "lr_g": "
 class LossMeter:
     """Running means of L_G, L_D (adversarial part) and R1 since the last :meth:`read`, kept on the device.
 
-    Each loss is averaged over the iterations that computed it (lazy R1 skips iterations).  Also
-    measures training speed: time spent inside :meth:`paused` (samples, checkpoints) is not counted.
+    Also measures training speed: time spent inside :meth:`paused` (samples, checkpoints) is not counted.
     """
 
     NAMES = ("loss_g", "loss_d", "r1")
 
     def __init__(self, device: torch.device):
-        self.device = device
         self.sums = torch.zeros(len(self.NAMES), device=device)
-        self.counts = [0] * len(self.NAMES)
         self.count, self.since = 0, time.perf_counter()
 
     def add(self, losses: Dict[str, torch.Tensor]) -> None:
-        present = [i for i, name in enumerate(self.NAMES) if name in losses]
-        values = torch.stack([losses[self.NAMES[i]] for i in present])
-        self.sums.index_add_(0, torch.tensor(present, device=self.device), values.to(self.sums.dtype))
-        for i in present:
-            self.counts[i] += 1
+        self.sums += torch.stack([losses[name] for name in self.NAMES])
         self.count += 1
 
     @contextmanager
@@ -618,17 +600,12 @@ class LossMeter:
             self.since += time.perf_counter() - began
 
     def read(self) -> Dict[str, float]:
-        """The means over all processes (a collective call under torchrun) and ``it_per_s``; then starts anew.
-
-        A loss no iteration since the last read computed is left out.
-        """
+        """The means over all processes (a collective call under torchrun) and ``it_per_s``; then starts anew."""
         all_reduce_mean_([self.sums])
-        sums = self.sums.tolist()
-        values = {name: total / n for name, total, n in zip(self.NAMES, sums, self.counts) if n}
+        values = dict(zip(self.NAMES, (self.sums / max(self.count, 1)).tolist()))
         now = time.perf_counter()
         values["it_per_s"] = self.count / max(now - self.since, 1e-9)
         self.sums.zero_()
-        self.counts = [0] * len(self.NAMES)
         self.count, self.since = 0, now
         return values
 
@@ -844,8 +821,7 @@ def train(config: TrainConfig, dataset, gen_samples: Callable, describe_data: st
             stopping = stop.agreed(world_size, device) if (log_now or world_size == 1) else False
             if log_now or stopping:
                 last = run.log(iteration, meter.read())
-                shown = (("loss_g", "L_G"), ("loss_d", "L_D"), ("r1", "R1"))
-                bar.set_postfix({name: f"{last[key]:.3f}" for key, name in shown if key in last})
+                bar.set_postfix(L_G=f"{last['loss_g']:.3f}", L_D=f"{last['loss_d']:.3f}", R1=f"{last['r1']:.3f}")
                 if rank == 0 and not eta_said and iteration - start >= min(3 * config.log_every,
                                                                            config.iterations - start):
                     eta_said = True

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import flop_registry
 
 from datasets import ResumableBatchSampler, open_video_dataset
-from models import build_models, count_parameters, level_labels, model_config
+from models import PRESETS, build_models, count_parameters, level_labels, model_config
 from trainer import TrainConfig, Trainer
 from utils import OneLineArgumentParser, encode_video, int_list, pick_device, report_error
 
@@ -407,7 +407,7 @@ def add_costs_parser(subparsers) -> None:
                                           "activation memory (bytes saved for backward) and parameters of G and D in "
                                           "naive, frame-only, batch-only and proposed (frame + batch) subsampling, "
                                           "compared with the authors' figure/gflops.tsv. Runs on the meta device.")
-    p.add_argument("--preset", default="paper", choices=["paper", "movingmnist"], help="network sizes")
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="network sizes")
     p.add_argument("--batch-size", type=int, default=8, help="batch (the paper's table is for 8)")
     p.add_argument("--n-frames", type=int, default=16, help="frames per video")
     p.add_argument("--frame-stride", type=int, default=2, help="frame stride of the frame and proposed modes")
@@ -461,7 +461,7 @@ def add_speed_parser(subparsers) -> None:
                               description="Times the whole training step (G forward, D on real and fake, backward "
                                           "passes, R1 double backward, both Adam steps) on random clips and compares "
                                           "its FLOPs per second with the device's measured matmul peak.")
-    p.add_argument("--preset", default="movingmnist", choices=["paper", "movingmnist"], help="network sizes")
+    p.add_argument("--preset", default="movingmnist", choices=sorted(PRESETS), help="network sizes")
     p.add_argument("--batch-size", type=int, default=8, help="clips per iteration")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", default="none", choices=["auto", "none", "bf16"], help="bf16 autocast (auto: where fast)")

@@ -76,11 +76,20 @@ PRESETS = {
         out_channels=1,
         dis_channels=[32, 32, 64, 128, 256],
     ),
+    # The 64-px preset with a half-width generator: 0.73x the FLOPs of a training step (a recipe candidate).
+    "movingmnist-narrow": dict(
+        t_size=4,
+        clstm_ch=128,
+        base_channels=[64],
+        level_channels=[32, 16, 16],
+        out_channels=1,
+        dis_channels=[32, 32, 64, 128, 256],
+    ),
 }
 
 
 def model_config(preset: str, resolution: Optional[int] = None, **overrides) -> ModelConfig:
-    """Build the :class:`ModelConfig` of a named preset (``paper`` or ``movingmnist``).
+    """Build the :class:`ModelConfig` of a named preset (a key of ``PRESETS``).
 
     ``resolution`` rescales the preset to another final frame size by changing only the ConvLSTM's
     spatial size (e.g. the paper preset at 64, 128 or 192 px uses ``t_size`` 1, 2 or 3).

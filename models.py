@@ -76,15 +76,6 @@ PRESETS = {
         out_channels=1,
         dis_channels=[32, 32, 64, 128, 256],
     ),
-    # The 64-px preset with a half-width generator: 0.73x the FLOPs of a training step (a recipe candidate).
-    "movingmnist-narrow": dict(
-        t_size=4,
-        clstm_ch=128,
-        base_channels=[64],
-        level_channels=[32, 16, 16],
-        out_channels=1,
-        dis_channels=[32, 32, 64, 128, 256],
-    ),
 }
 
 

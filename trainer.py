@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -809,7 +809,8 @@ def train(config: TrainConfig, dataset, gen_samples: Callable, describe_data: st
     last: dict = {}
     t_start, sampled_at, eta_said = time.perf_counter(), None, False
     checkpoint_path = Path(config.out) / "checkpoint.pt"
-    with Run(config, trainer, gen_samples, classes, describe_data, rank, world_size, start) as run, \
+    # closing(): loader workers ignore SIGTERM, so on an error only this shuts them down; left alive they block exit.
+    with closing(batches), Run(config, trainer, gen_samples, classes, describe_data, rank, world_size, start) as run, \
             StopRequest(f"{checkpoint_path} is intact; continue with --resume") as stop:
         for iteration in range(start + 1, config.iterations + 1):
             x_real, labels = next(batches)

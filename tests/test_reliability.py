@@ -1,6 +1,7 @@
 """What survives what: divergence, torn and interrupted saves, full disks, repeated signals, GIF frames, bad input."""
 
 import errno
+import multiprocessing
 import os
 import shutil
 import signal
@@ -236,6 +237,18 @@ def test_read_only_disk_mid_run_is_one_line(tmp_path, monkeypatch, capsys):
     line = train_fails(capsys, tmp_path, "--iterations", "3", "--resume")
     assert "metrics.jsonl: the filesystem is read-only" in line
     assert f"The last good checkpoint is {tmp_path / 'checkpoint.pt'} (iteration 1)" in line
+
+
+def test_a_failing_run_shuts_its_loader_workers_down(tmp_path, monkeypatch, capsys):
+    # Workers ignore SIGTERM (so a signal reaches only the main process); left running, they would
+    # block the interpreter's exit forever, and the failed run would hang instead of exiting.
+    def read_only(path, record):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr("trainer.append_jsonl", read_only)
+    line = train_fails(capsys, tmp_path, "--iterations", "3", "--workers", "1")
+    assert "metrics.jsonl: the filesystem is read-only" in line
+    assert multiprocessing.active_children() == []
 
 
 # ---------------------------------------------------------------------------------------------

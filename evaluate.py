@@ -580,7 +580,7 @@ DIGIT_SIZE = 64
 FIRST_DIGIT_THRESHOLD = 0.5  # presence probability the top digit needs for a frame to show any digit
 SECOND_DIGIT_THRESHOLD = 0.3  # presence probability above which the runner-up digit joins a frame's set
 CONTROL_BLUR_SIGMA = 1.5  # pixels, the "blurred" control
-DIGIT_SCORES = ("digit_score", "identity_consistency", "motion", "diversity", "first_frame_jump")
+DIGIT_SCORES = ("digit_score", "identity_consistency", "motion", "diversity", "first_frame_jump", "ink_drift")
 
 
 @dataclass(frozen=True)
@@ -865,8 +865,8 @@ def clip_motion(videos: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
 def digit_frame_outputs(classifier: DigitClassifier, videos: torch.Tensor) -> Dict[str, np.ndarray]:
     """Classifier outputs and motion of videos ``(N, C, T, H, W)`` in ``[-1, 1]`` (see :func:`as_digit_videos`).
 
-    Returns ``presence`` ``(N, T, 10)`` (sigmoid probabilities), ``features`` ``(N, T, 128)`` and
-    ``motion`` ``(N,)`` (:func:`clip_motion`).
+    Returns ``presence`` ``(N, T, 10)`` (sigmoid probabilities), ``features`` ``(N, T, 128)``,
+    ``motion`` ``(N,)`` (:func:`clip_motion`) and ``ink`` ``(N, T)``, each frame's mean intensity in ``[0, 1]``.
     """
     videos = as_digit_videos(videos)
     n, _, t = videos.shape[:3]
@@ -874,7 +874,8 @@ def digit_frame_outputs(classifier: DigitClassifier, videos: torch.Tensor) -> Di
     presence = torch.sigmoid(classifier.head(features))
     return {"presence": presence.view(n, t, -1).double().cpu().numpy(),
             "features": features.view(n, t, -1).double().cpu().numpy(),
-            "motion": clip_motion(videos).double().cpu().numpy()}
+            "motion": clip_motion(videos).double().cpu().numpy(),
+            "ink": ((videos + 1) / 2).mean(dim=(1, 3, 4)).double().cpu().numpy()}
 
 
 def digit_summary(outputs: Dict[str, np.ndarray]) -> Dict[str, object]:
@@ -892,6 +893,9 @@ def digit_summary(outputs: Dict[str, np.ndarray]) -> Dict[str, object]:
     - ``first_frame_jump``: the mean feature distance from frame 0 to frame 1 over the mean distance
       between later consecutive frames (about 1 for real clips; above 1 when frame 0 looks unlike
       the frames after it); needs ``T >= 3``.
+    - ``ink_drift``: the mean intensity of the brightest frame index over the dimmest's, each averaged
+      over clips (1 when brightness holds through the clip, real clips 1.01; above 1 when digits fade
+      in, fade out or flash).
     - ``stats``: mean and covariance of the 128-d frame features, for the Fréchet distance.
     """
     presence, features = outputs["presence"], outputs["features"]
@@ -906,11 +910,13 @@ def digit_summary(outputs: Dict[str, np.ndarray]) -> Dict[str, object]:
     same = (sets[:, :, None] == sets[:, None, :]) & (sets[:, :, None] != 0)  # frames without a digit never match
     dominant = same.sum(-1).max(-1) / t  # frames in each clip's most frequent (non-empty) set
     steps = np.linalg.norm(np.diff(features, axis=1), axis=-1)  # (N, T - 1) feature change between frames
+    ink = outputs["ink"].mean(axis=0)  # (T,)
     return {"digit_score": float(split_inception_scores(probs)[0]),
             "identity_consistency": float(dominant.mean()),
             "motion": float(outputs["motion"].mean()),
             "diversity": float(torch.pdist(torch.from_numpy(features.mean(axis=1))).mean()),
             "first_frame_jump": float(steps[:, 0].mean() / max(steps[:, 1:].mean(), 1e-12)),
+            "ink_drift": float(ink.max() / max(ink.min(), 1e-12)),
             "stats": feature_statistics(features.reshape(n * t, -1))}
 
 
@@ -1065,8 +1071,8 @@ def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: 
     """Moving-digit scores of ``n_samples`` dense samples of ``gen`` against real clips: a flat dict of floats.
 
     Keys: ``digit_score``, ``identity_consistency``, ``frechet_distance``, ``motion``,
-    ``motion_ratio``, ``diversity``, ``diversity_ratio`` and ``real_digit_score``,
-    ``real_identity_consistency``, ``real_motion``, ``real_diversity`` (see
+    ``motion_ratio``, ``diversity``, ``diversity_ratio``, ``first_frame_jump``, ``ink_drift`` and the
+    real clips' ``real_*`` of each score without a ratio or distance (see
     :func:`digit_summary`).  Samples ``(n_samples, C, n_frames, H, W)`` come from a private RNG
     seeded with ``seed`` (the training RNGs are untouched; every call sees the same latents) in
     :func:`sampling_mode` ``bn_mode``; ``gen``'s modes and BatchNorm statistics are restored.
@@ -1203,7 +1209,7 @@ def format_digits(result: Dict[str, object]) -> str:
     head = (f"digit classifier: exact-set accuracy {result['classifier_accuracy']:.4f}; real clips: "
             f"{result['n_real']} {result['real']}, {result['frames']} frames")
     columns = ("digit_score", "identity_consistency", "frechet_distance", "motion", "motion_ratio",
-               "diversity", "diversity_ratio")
+               "diversity", "diversity_ratio", "ink_drift")
     if "controls" in result:
         lines = ["| clips | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
         for name, row in result["controls"].items():

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # a few seconds of training: enough for the controls' ordering, not for a useful classifier
 TINY = DigitClassifierSettings(n_clips=240, frames_per_clip=4, epochs=3, n_test_clips=8)
 SCORES = {"digit_score", "identity_consistency", "frechet_distance", "motion", "motion_ratio", "diversity",
-          "diversity_ratio", "first_frame_jump", "real_digit_score", "real_identity_consistency", "real_motion",
-          "real_diversity", "real_first_frame_jump"}
+          "diversity_ratio", "first_frame_jump", "ink_drift", "real_digit_score", "real_identity_consistency",
+          "real_motion", "real_diversity", "real_first_frame_jump", "real_ink_drift"}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,8 @@ def test_identity_consistency_counts_frames_in_the_most_frequent_set():
         [sure[3], sure[5], sure[3], sure[3]],  # one frame differs: 3/4
         [np.full(10, 0.2)] * 4,  # no sure digit in any frame: 0
     ])
-    outputs = {"presence": clips, "features": np.random.default_rng(0).normal(size=(3, 4, 8)), "motion": np.ones(3)}
+    outputs = {"presence": clips, "features": np.random.default_rng(0).normal(size=(3, 4, 8)), "motion": np.ones(3),
+               "ink": np.full((3, 4), 0.1)}
     summary = evaluate.digit_summary(outputs)
     assert summary["identity_consistency"] == pytest.approx((1 + 0.75 + 0) / 3)
     assert summary["motion"] == 1.0 and summary["stats"][0].shape == (8,)
@@ -85,12 +86,23 @@ def test_identity_consistency_counts_frames_in_the_most_frequent_set():
 
 def test_first_frame_jump_compares_frame_0s_change_with_the_later_changes():
     features = np.cumsum(np.ones((2, 5, 3)), axis=1)  # every frame one step from the last: 1
-    outputs = {"presence": np.full((2, 5, 10), 0.5), "features": features, "motion": np.ones(2)}
+    outputs = {"presence": np.full((2, 5, 10), 0.5), "features": features, "motion": np.ones(2),
+               "ink": np.full((2, 5), 0.1)}
     assert evaluate.digit_summary(outputs)["first_frame_jump"] == pytest.approx(1.0)
     features[:, 0] -= 3  # frame 0 four steps away from frame 1
     assert evaluate.digit_summary(outputs)["first_frame_jump"] == pytest.approx(4.0)
     with pytest.raises(evaluate.InputError, match="at least 3 frames"):
         evaluate.digit_summary({**outputs, "presence": outputs["presence"][:, :2], "features": features[:, :2]})
+
+
+def test_ink_drift_is_the_brightest_frame_over_the_dimmest():
+    videos = torch.full((2, 1, 4, 64, 64), -1.0)
+    videos[:, :, :, 20:40, 20:40] = 1.0  # the same digit-sized square in every frame: drift 1
+    outputs = evaluate.digit_frame_outputs(evaluate.DigitClassifier().eval(), videos)
+    assert outputs["ink"].shape == (2, 4) and evaluate.digit_summary(outputs)["ink_drift"] == pytest.approx(1.0)
+    videos[:, :, 0] = videos[:, :, 0] * 0.5 - 0.5  # frame 0 at half the intensity: drift 2
+    outputs = evaluate.digit_frame_outputs(evaluate.DigitClassifier().eval(), videos)
+    assert evaluate.digit_summary(outputs)["ink_drift"] == pytest.approx(2.0)
 
 
 def test_digit_centres_find_two_blobs_and_motion_pairs_them():

@@ -98,10 +98,11 @@ def test_first_frame_jump_compares_frame_0s_change_with_the_later_changes():
 def test_ink_drift_is_the_brightest_frame_over_the_dimmest():
     videos = torch.full((2, 1, 4, 64, 64), -1.0)
     videos[:, :, :, 20:40, 20:40] = 1.0  # the same digit-sized square in every frame: drift 1
-    outputs = evaluate.digit_frame_outputs(evaluate.DigitClassifier().eval(), videos)
+    classifier = evaluate.DigitClassifier().eval()
+    outputs = evaluate.digit_frame_outputs(classifier, videos)
     assert outputs["ink"].shape == (2, 4) and evaluate.digit_summary(outputs)["ink_drift"] == pytest.approx(1.0)
     videos[:, :, 0] = videos[:, :, 0] * 0.5 - 0.5  # frame 0 at half the intensity: drift 2
-    outputs = evaluate.digit_frame_outputs(evaluate.DigitClassifier().eval(), videos)
+    outputs = evaluate.digit_frame_outputs(classifier, videos)
     assert evaluate.digit_summary(outputs)["ink_drift"] == pytest.approx(2.0)
 
 

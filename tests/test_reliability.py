@@ -227,13 +227,14 @@ def test_full_disk_mid_run_is_one_line_and_resume_works_once_space_is_free(tmp_p
     assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == 4
 
 
+def read_only_metrics(path, record):
+    """Stands in for ``trainer.append_jsonl`` on a filesystem gone read-only."""
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+
 def test_read_only_disk_mid_run_is_one_line(tmp_path, monkeypatch, capsys):
     train(tmp_path, "--iterations", "1")
-
-    def read_only(path, record):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
-
-    monkeypatch.setattr("trainer.append_jsonl", read_only)
+    monkeypatch.setattr("trainer.append_jsonl", read_only_metrics)
     line = train_fails(capsys, tmp_path, "--iterations", "3", "--resume")
     assert "metrics.jsonl: the filesystem is read-only" in line
     assert f"The last good checkpoint is {tmp_path / 'checkpoint.pt'} (iteration 1)" in line
@@ -242,10 +243,7 @@ def test_read_only_disk_mid_run_is_one_line(tmp_path, monkeypatch, capsys):
 def test_a_failing_run_shuts_its_loader_workers_down(tmp_path, monkeypatch, capsys):
     # Workers ignore SIGTERM (so a signal reaches only the main process); left running, they would
     # block the interpreter's exit forever, and the failed run would hang instead of exiting.
-    def read_only(path, record):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
-
-    monkeypatch.setattr("trainer.append_jsonl", read_only)
+    monkeypatch.setattr("trainer.append_jsonl", read_only_metrics)
     line = train_fails(capsys, tmp_path, "--iterations", "3", "--workers", "1")
     assert "metrics.jsonl: the filesystem is read-only" in line
     assert multiprocessing.active_children() == []

@@ -857,17 +857,20 @@ def main(parser: argparse.ArgumentParser, open_dataset: Callable, gen_samples: C
     command a run without a GPU recommends.  Bad input (a missing file, a malformed array, a bad
     flag value) exits with a one-line error.
     """
-    config = None
+    config, training = None, False
     try:
         config = parse_config(parser, argv)
         prepare_output_folder(config.out)
         ckpt = resolve_resume(config)  # first: the checkpoint's settings decide how the data is opened
         check_clip_geometry(config)
         dataset, describe = open_dataset(config)
+        training = True
         return train(config, dataset, gen_samples, describe, ckpt, quick_start)
-    except (FileNotFoundError, ValueError, TrainingDiverged, CheckpointError) as err:
+    except (ValueError, TrainingDiverged, CheckpointError) as err:
         raise SystemExit(report_error(parser.prog, err))
-    except OSError as err:  # the disk filled up or went read-only mid-run
+    except OSError as err:  # a missing input before training; mid-run, a full, read-only or removed disk
+        if isinstance(err, FileNotFoundError) and not training:
+            raise SystemExit(report_error(parser.prog, err))
         out = Path(config.out if config is not None else parser.get_default("out"))
         raise SystemExit(report_error(parser.prog, f"{describe_os_error(err)}; "
                                                    f"{last_good_checkpoint(out / 'checkpoint.pt')}"))

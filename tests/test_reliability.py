@@ -232,11 +232,19 @@ def read_only_metrics(path, record):
     raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
 
-def test_read_only_disk_mid_run_is_one_line(tmp_path, monkeypatch, capsys):
+def removed_metrics(path, record):
+    """Stands in for ``trainer.append_jsonl`` after someone removed the run's files mid-run."""
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+
+
+@pytest.mark.parametrize("append, reason", [(read_only_metrics, "the filesystem is read-only"),
+                                            (removed_metrics, "No such file or directory")])
+def test_disk_failure_mid_run_is_one_line_naming_the_last_good_checkpoint(tmp_path, monkeypatch, capsys,
+                                                                          append, reason):
     train(tmp_path, "--iterations", "1")
-    monkeypatch.setattr("trainer.append_jsonl", read_only_metrics)
+    monkeypatch.setattr("trainer.append_jsonl", append)
     line = train_fails(capsys, tmp_path, "--iterations", "3", "--resume")
-    assert "metrics.jsonl: the filesystem is read-only" in line
+    assert f"metrics.jsonl: {reason}" in line
     assert f"The last good checkpoint is {tmp_path / 'checkpoint.pt'} (iteration 1)" in line
 
 

@@ -1063,6 +1063,17 @@ def digit_controls(classifier: DigitClassifier, real_summary: Dict[str, object],
     return rows
 
 
+def recurrent_z_share(gen: nn.Module, z: torch.Tensor, n_frames: int = 16) -> torch.Tensor:
+    """Per frame ``(n_frames,)``: the share of the ConvLSTM output's mean square that varies between the latents
+    ``z`` ``(N, z_dim)``.  1 means z alone sets the frame's state; 0 means every sample gets the same state, so
+    what a frame shows depends on its index only."""
+    with torch.no_grad():
+        _, states = gen.recurrent_states(z, n_frames)  # (N, T, C, h, w)
+    states = states.float()
+    between = states.var(0, unbiased=False).mean(dim=(1, 2, 3))
+    return between / states.pow(2).mean(dim=(0, 2, 3, 4)).clamp_min(1e-12)
+
+
 def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: int = 16, seed: int = 0,
                                 device=None, batch_size: int = 32, bn_mode: str = "eval",
                                 level: Optional[int] = None, n_real: int = 512, real=None, classifier_path=None,
@@ -1071,9 +1082,10 @@ def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: 
     """Moving-digit scores of ``n_samples`` dense samples of ``gen`` against real clips: a flat dict of floats.
 
     Keys: ``digit_score``, ``identity_consistency``, ``frechet_distance``, ``motion``,
-    ``motion_ratio``, ``diversity``, ``diversity_ratio``, ``first_frame_jump``, ``ink_drift`` and the
+    ``motion_ratio``, ``diversity``, ``diversity_ratio``, ``first_frame_jump``, ``ink_drift``, the
     real clips' ``real_*`` of each score without a ratio or distance (see
-    :func:`digit_summary`).  Samples ``(n_samples, C, n_frames, H, W)`` come from a private RNG
+    :func:`digit_summary`), and ``recurrent_z_share``, :func:`recurrent_z_share` at the last frame
+    (up to 256 of the latents).  Samples ``(n_samples, C, n_frames, H, W)`` come from a private RNG
     seeded with ``seed`` (the training RNGs are untouched; every call sees the same latents) in
     :func:`sampling_mode` ``bn_mode``; ``gen``'s modes and BatchNorm statistics are restored.
     The classifier (:func:`load_digit_classifier`, on ``device``, default ``gen``'s) and the real
@@ -1087,7 +1099,9 @@ def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: 
         labels = sample_classes(gen, n_samples, rng)
         batches = generated_batches(gen, n_samples, batch_size, n_frames, level, rng, labels)
         summary = summarize_digit_clips(classifier, batches, n_samples, "sampling", progress)
-    return compare_digit_summaries(summary, real_summary)
+        z = gen.sample_z(min(n_samples, 256), generator=rng)
+        share = recurrent_z_share(gen, z, n_frames)[-1].item()
+    return {**compare_digit_summaries(summary, real_summary), "recurrent_z_share": share}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1221,7 +1235,7 @@ def format_digits(result: Dict[str, object]) -> str:
     if result.get("skipped"):
         source += f", {result['skipped']} unreadable skipped"
     lines = [f"{'score':<22}{'clips':>10}{'real':>10}"]
-    for name in columns:
+    for name in columns + (("recurrent_z_share",) if "recurrent_z_share" in result else ()):
         real = result.get(f"real_{name}")
         lines.append(f"{name:<22}{result[name]:>10.4f}" + (f"{real:>10.4f}" if real is not None else ""))
     return "\n".join([head, source, *lines])

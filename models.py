@@ -426,11 +426,15 @@ class Generator(nn.Module):
         if labels is not None and labels.shape != (z.shape[0],):
             raise ValueError(f"labels must have shape ({z.shape[0]},), got {tuple(labels.shape)}")
 
+    def recurrent_states(self, z: torch.Tensor, n_frames: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """z's projection ``(N, C, t, t)`` and the ConvLSTM's outputs ``(N, n_frames, C, t, t)`` (no content skip)."""
+        x0 = self.fc(z).view(z.shape[0], self.cfg.clstm_ch, self.cfg.t_size, self.cfg.t_size)
+        return x0, self.clstm(x0, n_frames)
+
     def frames(self, z: torch.Tensor, n_frames: int, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Level-1 features of every frame: ``(N * n_frames, C_base, r1, r1)``."""
         n = z.shape[0]
-        x0 = self.fc(z).view(n, self.cfg.clstm_ch, self.cfg.t_size, self.cfg.t_size)
-        h = self.clstm(x0, n_frames)
+        x0, h = self.recurrent_states(z, n_frames)
         if self.cfg.content_skip:  # z's projection reaches every frame, not only the LSTM's first step
             h = h + x0[:, None]
         h = h.reshape(n * n_frames, *h.shape[2:])

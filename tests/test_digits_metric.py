@@ -232,7 +232,8 @@ def test_hook_returns_floats_and_scores_the_real_clips_once(generator, classifie
                   settings=TINY)
     generator.train()
     first = digit_metrics_for_generator(generator, **kwargs)
-    assert set(first) == SCORES and all(isinstance(v, float) and np.isfinite(v) for v in first.values())
+    assert set(first) == SCORES | {"recurrent_z_share"}
+    assert all(isinstance(v, float) and np.isfinite(v) for v in first.values())
     assert generator.training
     monkeypatch.setattr(evaluate, "real_digit_batches", lambda *a, **k: pytest.fail("real clips scored again"))
     monkeypatch.setattr(evaluate, "train_digit_classifier", lambda *a, **k: pytest.fail("classifier retrained"))
@@ -240,6 +241,15 @@ def test_hook_returns_floats_and_scores_the_real_clips_once(generator, classifie
     assert again == pytest.approx(first)  # the same latents every call
     train_bn = digit_metrics_for_generator(generator, **kwargs, bn_mode="train")
     assert train_bn["frechet_distance"] != pytest.approx(first["frechet_distance"])
+
+
+def test_recurrent_z_share_is_one_when_z_sets_the_state_and_zero_when_nothing_does(generator):
+    z = generator.sample_z(16, generator=torch.Generator().manual_seed(0))
+    share = evaluate.recurrent_z_share(generator, z, n_frames=5)
+    assert share.shape == (5,) and 0.9 < share[0] <= 1  # step 0 is z's projection through the input conv
+    with torch.no_grad():
+        generator.fc.weight.zero_()  # every sample now gets fc's bias alone: one shared trajectory
+    assert evaluate.recurrent_z_share(generator, z, n_frames=5) == pytest.approx(torch.zeros(5), abs=1e-6)
 
 
 def test_cli_json_on_an_npy_file(tmp_path, tiny_cli, capsys):

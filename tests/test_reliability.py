@@ -227,22 +227,19 @@ def test_full_disk_mid_run_is_one_line_and_resume_works_once_space_is_free(tmp_p
     assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == 4
 
 
-def read_only_metrics(path, record):
-    """Stands in for ``trainer.append_jsonl`` on a filesystem gone read-only."""
-    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+def failing_metrics(code: int):
+    """A stand-in for ``trainer.append_jsonl`` that fails with ``errno`` ``code`` (OSError picks the subclass)."""
+    def append(path, record):
+        raise OSError(code, os.strerror(code), str(path))
+    return append
 
 
-def removed_metrics(path, record):
-    """Stands in for ``trainer.append_jsonl`` after someone removed the run's files mid-run."""
-    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
-
-
-@pytest.mark.parametrize("append, reason", [(read_only_metrics, "the filesystem is read-only"),
-                                            (removed_metrics, "No such file or directory")])
+@pytest.mark.parametrize("code, reason", [(errno.EROFS, "the filesystem is read-only"),  # disk gone read-only
+                                          (errno.ENOENT, "No such file or directory")])  # run's files removed
 def test_disk_failure_mid_run_is_one_line_naming_the_last_good_checkpoint(tmp_path, monkeypatch, capsys,
-                                                                          append, reason):
+                                                                          code, reason):
     train(tmp_path, "--iterations", "1")
-    monkeypatch.setattr("trainer.append_jsonl", append)
+    monkeypatch.setattr("trainer.append_jsonl", failing_metrics(code))
     line = train_fails(capsys, tmp_path, "--iterations", "3", "--resume")
     assert f"metrics.jsonl: {reason}" in line
     assert f"The last good checkpoint is {tmp_path / 'checkpoint.pt'} (iteration 1)" in line
@@ -251,7 +248,7 @@ def test_disk_failure_mid_run_is_one_line_naming_the_last_good_checkpoint(tmp_pa
 def test_a_failing_run_shuts_its_loader_workers_down(tmp_path, monkeypatch, capsys):
     # Workers ignore SIGTERM (so a signal reaches only the main process); left running, they would
     # block the interpreter's exit forever, and the failed run would hang instead of exiting.
-    monkeypatch.setattr("trainer.append_jsonl", read_only_metrics)
+    monkeypatch.setattr("trainer.append_jsonl", failing_metrics(errno.EROFS))
     line = train_fails(capsys, tmp_path, "--iterations", "3", "--workers", "1")
     assert "metrics.jsonl: the filesystem is read-only" in line
     assert multiprocessing.active_children() == []

@@ -194,7 +194,7 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
     p.add_argument("--device", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["auto", "none", "bf16"],
                    help="bf16 autocast for the networks (losses and R1 stay fp32); auto = bf16 on GPUs that support "
-                        "it and on CPUs with AVX512-BF16/AMX, else none (recipe)")
+                        "it, else none: bf16 on a CPU can give non-finite gradients (README, 'Cost and speed') (recipe)")
     p.add_argument("--workers", type=non_negative_int,
                    help="DataLoader worker processes (0 = load in the main process)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
@@ -555,11 +555,15 @@ FIRST_SAMPLE_AFTER_S = 120.0
 
 
 def describe_run(device: torch.device, amp: str, world_size: int, batch_size: int, iterations: int) -> str:
-    """One line saying what a run is about to do: device, precision, threads, batch and length."""
+    """A line saying what a run is about to do (device, precision, threads, batch, length); a warning for CPU bf16."""
     precision = "bf16 autocast" if amp == "bf16" else "fp32"
     threads = f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""
     procs = f" x {world_size} processes" if world_size > 1 else ""
-    return (f"training on {device}{procs} ({precision}{threads}): {iterations} iterations at batch {batch_size}")
+    line = f"training on {device}{procs} ({precision}{threads}): {iterations} iterations at batch {batch_size}"
+    if amp == "bf16" and device.type == "cpu":
+        line += ("\nwarning: --amp bf16 on a CPU: oneDNN's bf16 3-D convolutions give non-finite weight gradients "
+                 "on some CPUs; if the run stops on a non-finite loss, use --amp none")
+    return line
 
 
 def describe_speed(it_per_s: float, remaining: int) -> str:

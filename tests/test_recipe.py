@@ -28,6 +28,18 @@ def test_paper_recipe_is_the_authors_and_flags_override_a_recipe():
     assert parse().recipe == "tuned"
 
 
+def test_amp_auto_is_fp32_on_a_cpu_and_forced_bf16_there_warns():
+    from utils import resolve_amp
+
+    cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu) == "none" and resolve_amp("bf16", cpu) == "bf16"
+    assert resolve_amp("none", torch.device("cuda")) == "none"
+    assert "warning" not in trainer.describe_run(cpu, "none", 1, 8, 10)
+    warned = trainer.describe_run(cpu, "bf16", 1, 8, 10).splitlines()
+    assert warned[0] == "training on cpu (bf16 autocast, %d CPU threads): 10 iterations at batch 8" % (
+        torch.get_num_threads()) and "--amp none" in warned[1]
+
+
 def test_generator_batchnorm_uses_chainers_epsilon():
     gen = Generator(model_config("movingmnist"))
     eps = {m.eps for m in gen.modules() if isinstance(m, torch.nn.BatchNorm2d)}

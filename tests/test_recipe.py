@@ -28,6 +28,13 @@ def test_paper_recipe_is_the_authors_and_flags_override_a_recipe():
     assert parse().recipe == "tuned"
 
 
+def test_tuned_r1_weight_keeps_the_authors_weight_times_batch():
+    assert parse("--recipe", "paper", "--batch-size", "8").gp_weight == 0.5
+    assert parse("--batch-size", "32").gp_weight == 0.5 and parse("--batch-size", "8").gp_weight == 2.0
+    assert parse("--batch-size", "8", "--gp-weight", "0.5").gp_weight == 0.5
+    assert trainer.TrainConfig(batch_size=16).gp_weight == 1.0
+
+
 def test_amp_auto_is_fp32_on_a_cpu_and_forced_bf16_there_warns():
     from utils import resolve_amp
 

@@ -34,7 +34,8 @@ def test_three_iterations_write_gif_checkpoint_config_and_metrics(tmp_path):
     assert ckpt["iteration"] == 3
     assert {"generator", "discriminator", "opt_g", "opt_d", "rng", "config"} <= set(ckpt)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["batch_size"] == 2 and config["model"]["clstm_ch"] == 256 and config["gp_weight"] == 0.5
+    # gp_weight: the tuned recipe's R1 weight at batch 2, 16 / 2
+    assert config["batch_size"] == 2 and config["model"]["clstm_ch"] == 256 and config["gp_weight"] == 8.0
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [1, 2, 3]
     assert all(np.isfinite(m["loss_d"]) for m in metrics)

@@ -204,7 +204,8 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
     p.add_argument("--device", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["auto", "none", "bf16"],
                    help="bf16 autocast for the networks (losses and R1 stay fp32); auto = bf16 on GPUs that support "
-                        "it, else none: bf16 on a CPU can give non-finite gradients (README, 'Cost and speed') (recipe)")
+                        "it, else none: bf16 on a CPU can give non-finite gradients (README, 'Cost and speed') "
+                        "(recipe)")
     p.add_argument("--workers", type=non_negative_int,
                    help="DataLoader worker processes (0 = load in the main process)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,

@@ -41,16 +41,17 @@ EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", 
 # Adam's epsilon as Chainer applies it: added to sqrt(v) before bias correction (the authors' optimiser).
 CHAINER_ADAM_EPS = 8e-8
 
+# The authors' R1 weight and batch per process. R1 is a sum over the batch and the adversarial loss a mean, so
+# `tuned` keeps weight x batch at theirs: 2 at batch 8, measured better than 0.5 there (README, "Recipe").
+AUTHORS_R1_WEIGHT, AUTHORS_BATCH = 0.5, 32
+
 # Training recipes: the authors' exactly (`paper`), and this project's default, chosen by measuring quality at
 # equal wall-clock on 64-px moving digits (README, "Recipe").  Explicit flags override a recipe's values.
 RECIPES = {
     "paper": dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, ema_decay=0.0, content_skip=False,
-                  gp_weight=0.5),
+                  gp_weight=AUTHORS_R1_WEIGHT),
     "tuned": dict(amp="auto", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, ema_decay=0.0, content_skip=True),
 }
-# The authors' R1 weight and batch per process. R1 is a sum over the batch and the adversarial loss a mean, so
-# `tuned` keeps weight x batch at theirs: 2 at batch 8, measured better than 0.5 there (README, "Recipe").
-AUTHORS_R1_WEIGHT, AUTHORS_BATCH = 0.5, 32
 
 
 class TrainingDiverged(RuntimeError):

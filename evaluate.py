@@ -580,7 +580,8 @@ DIGIT_SIZE = 64
 FIRST_DIGIT_THRESHOLD = 0.5  # presence probability the top digit needs for a frame to show any digit
 SECOND_DIGIT_THRESHOLD = 0.3  # presence probability above which the runner-up digit joins a frame's set
 CONTROL_BLUR_SIGMA = 1.5  # pixels, the "blurred" control
-DIGIT_SCORES = ("digit_score", "identity_consistency", "motion", "diversity", "first_frame_jump", "ink_drift")
+DIGIT_SCORES = ("digit_score", "identity_consistency", "adjacent_agreement", "motion", "diversity", "first_frame_jump",
+                "ink_drift")
 
 
 @dataclass(frozen=True)
@@ -887,6 +888,10 @@ def digit_summary(outputs: Dict[str, np.ndarray]) -> Dict[str, object]:
     - ``identity_consistency``: per clip, the fraction of frames whose digit set
       (:func:`frame_digit_sets`) is the clip's most frequent non-empty one; mean over clips (1 when
       digits keep their identity, 0 when no frame shows a digit).
+    - ``adjacent_agreement``: the fraction of consecutive frame pairs whose digit sets are equal and
+      non-empty, over all pairs of all clips.  With ``identity_consistency`` it tells flicker (a
+      reading that changes from one frame to the next: both low) from drift (a digit that turns into
+      another over the clip: this one high, identity low).
     - ``motion``: :func:`clip_motion`, mean over clips (pixels per frame).
     - ``diversity``: mean Euclidean distance between the clip features (frame features averaged
       over time) of all pairs of clips.
@@ -913,6 +918,7 @@ def digit_summary(outputs: Dict[str, np.ndarray]) -> Dict[str, object]:
     ink = outputs["ink"].mean(axis=0)  # (T,)
     return {"digit_score": float(split_inception_scores(probs)[0]),
             "identity_consistency": float(dominant.mean()),
+            "adjacent_agreement": float(((sets[:, 1:] == sets[:, :-1]) & (sets[:, 1:] != 0)).mean()),
             "motion": float(outputs["motion"].mean()),
             "diversity": float(torch.pdist(torch.from_numpy(features.mean(axis=1))).mean()),
             "first_frame_jump": float(steps[:, 0].mean() / max(steps[:, 1:].mean(), 1e-12)),
@@ -933,7 +939,8 @@ def summarize_digit_clips(classifier: DigitClassifier, batches: Iterable[Batch],
 def compare_digit_summaries(fake: Dict[str, object], real: Dict[str, object]) -> Dict[str, float]:
     """The flat dict of scores of ``fake`` against ``real`` (both from :func:`digit_summary`).
 
-    ``digit_score``, ``identity_consistency``, ``motion``, ``diversity`` of the fake clips,
+    ``digit_score``, ``identity_consistency``, ``adjacent_agreement``, ``motion``, ``diversity``,
+    ``first_frame_jump`` and ``ink_drift`` of the fake clips,
     ``frechet_distance`` between their frame features, ``motion_ratio`` and ``diversity_ratio``
     (fake / real), and the real clips' own values as ``real_*``.
     """
@@ -1081,7 +1088,7 @@ def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: 
                                 progress: bool = False) -> Dict[str, float]:
     """Moving-digit scores of ``n_samples`` dense samples of ``gen`` against real clips: a flat dict of floats.
 
-    Keys: ``digit_score``, ``identity_consistency``, ``frechet_distance``, ``motion``,
+    Keys: ``digit_score``, ``identity_consistency``, ``adjacent_agreement``, ``frechet_distance``, ``motion``,
     ``motion_ratio``, ``diversity``, ``diversity_ratio``, ``first_frame_jump``, ``ink_drift``, the
     real clips' ``real_*`` of each score without a ratio or distance (see
     :func:`digit_summary`), and ``recurrent_z_share``, :func:`recurrent_z_share` at the last frame
@@ -1222,8 +1229,8 @@ def format_digits(result: Dict[str, object]) -> str:
     """The ``digits`` result as a small table (or the control table in Markdown)."""
     head = (f"digit classifier: exact-set accuracy {result['classifier_accuracy']:.4f}; real clips: "
             f"{result['n_real']} {result['real']}, {result['frames']} frames")
-    columns = ("digit_score", "identity_consistency", "frechet_distance", "motion", "motion_ratio",
-               "diversity", "diversity_ratio", "ink_drift")
+    columns = ("digit_score", "identity_consistency", "adjacent_agreement", "frechet_distance", "motion",
+               "motion_ratio", "diversity", "diversity_ratio", "ink_drift")
     if "controls" in result:
         lines = ["| clips | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
         for name, row in result["controls"].items():

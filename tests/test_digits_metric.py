@@ -20,9 +20,10 @@ from utils import save_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 # a few seconds of training: enough for the controls' ordering, not for a useful classifier
 TINY = DigitClassifierSettings(n_clips=240, frames_per_clip=4, epochs=3, n_test_clips=8)
-SCORES = {"digit_score", "identity_consistency", "frechet_distance", "motion", "motion_ratio", "diversity",
-          "diversity_ratio", "first_frame_jump", "ink_drift", "real_digit_score", "real_identity_consistency",
-          "real_motion", "real_diversity", "real_first_frame_jump", "real_ink_drift"}
+SCORES = {"digit_score", "identity_consistency", "adjacent_agreement", "frechet_distance", "motion", "motion_ratio",
+          "diversity", "diversity_ratio", "first_frame_jump", "ink_drift", "real_digit_score",
+          "real_identity_consistency", "real_adjacent_agreement", "real_motion", "real_diversity",
+          "real_first_frame_jump", "real_ink_drift"}
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,19 @@ def test_identity_consistency_counts_frames_in_the_most_frequent_set():
                "ink": np.full((3, 4), 0.1)}
     summary = evaluate.digit_summary(outputs)
     assert summary["identity_consistency"] == pytest.approx((1 + 0.75 + 0) / 3)
+    assert summary["adjacent_agreement"] == pytest.approx((3 + 1 + 0) / 9)  # agreeing pairs: 3, then 1 (3-3), then 0
     assert summary["motion"] == 1.0 and summary["stats"][0].shape == (8,)
+
+
+def test_adjacent_agreement_tells_flicker_from_drift():
+    sure = np.eye(10) * 0.98 + 0.01
+    drift = np.stack([sure[[3] * 4 + [8] * 4]] * 2)  # a 3 that turns into an 8 once
+    flicker = np.stack([sure[[3, 8] * 4]] * 2)  # the reading alternates every frame
+    outputs = {"features": np.zeros((2, 8, 4)), "motion": np.ones(2), "ink": np.full((2, 8), 0.1)}
+    drifting = evaluate.digit_summary({**outputs, "presence": drift})
+    flickering = evaluate.digit_summary({**outputs, "presence": flicker})
+    assert drifting["identity_consistency"] == flickering["identity_consistency"] == pytest.approx(0.5)
+    assert drifting["adjacent_agreement"] == pytest.approx(6 / 7) and flickering["adjacent_agreement"] == 0.0
 
 
 def test_first_frame_jump_compares_frame_0s_change_with_the_later_changes():
@@ -309,7 +322,7 @@ def test_cli_on_a_checkpoint_uses_the_ema_weights_when_present(tmp_path, generat
 def test_cli_controls_print_a_markdown_table(tiny_cli, capsys):
     assert evaluate.main(["digits", "--controls", *tiny_cli]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].startswith("| clips | digit_score | identity_consistency | frechet_distance | motion |")
+    assert lines[1].startswith("| clips | digit_score | identity_consistency | adjacent_agreement | frechet_distance |")
     assert [line.split(" | ")[0] for line in lines[3:]] == [
         "| real (reference)", "| held-out real", "| blurred", "| frozen", "| shuffled", "| noise"]
 

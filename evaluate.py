@@ -1135,8 +1135,7 @@ def add_digits_parser(sub) -> argparse.ArgumentParser:
     source = cmd.add_argument_group("videos to score (one of; none with --controls)")
     pick = source.add_mutually_exclusive_group()
     pick.add_argument("--checkpoint", metavar="CKPT",
-                      help="training checkpoint; its generator samples --n-samples dense videos "
-                           "(weights from 'generator_ema' when the checkpoint has it, see --no-ema)")
+                      help="training checkpoint or G-only snapshot; its generator samples --n-samples dense videos")
     pick.add_argument("--videos", metavar="DIR",
                       help="folder of .gif/.mp4/.avi/.mov/.mkv/.webm/uint8 .npy videos (recursive, grid.* skipped)")
     pick.add_argument("--npy", metavar="FILE",
@@ -1156,8 +1155,6 @@ def add_digits_parser(sub) -> argparse.ArgumentParser:
     opts.add_argument("--frames", type=positive_int, default=16, help="frames per clip, at least 3 (default 16)")
     opts.add_argument("--level", type=positive_int, default=None,
                       help="generator level to render (1-based; default the last); frames are resized to 64x64")
-    opts.add_argument("--no-ema", dest="ema", action="store_false",
-                      help="sample with the checkpoint's raw 'generator' weights even when it has 'generator_ema'")
     opts.add_argument("--bn-mode", choices=("eval", "train"), default="eval",
                       help="generator BatchNorm at sampling time: running statistics (eval, default) or the "
                            "statistics of each --batch-size batch (train)")
@@ -1187,7 +1184,7 @@ def run_digits(args: argparse.Namespace) -> Dict[str, object]:
     progress = not args.quiet
     # cheap checks first: the classifier may need training
     if args.checkpoint:
-        gen, ckpt, weights = load_generator(args.checkpoint, device, args.ema)
+        gen, ckpt = load_generator(args.checkpoint, device)
         if args.level is not None and args.level > gen.n_levels:
             raise InputError(f"--level {args.level}: the generator has levels 1..{gen.n_levels}")
     elif args.videos:
@@ -1208,8 +1205,8 @@ def run_digits(args: argparse.Namespace) -> Dict[str, object]:
         result = digit_metrics_for_generator(gen, n_samples, args.frames, args.seed, device, args.batch_size,
                                              args.bn_mode, args.level, args.n_real, args.real, args.classifier,
                                              DIGIT_CLASSIFIER_SETTINGS, progress)
-        info.update(source=str(args.checkpoint), iteration=ckpt.get("iteration"), weights=weights,
-                    bn_mode=args.bn_mode, seed=args.seed)
+        info.update(source=str(args.checkpoint), iteration=ckpt.get("iteration"), bn_mode=args.bn_mode,
+                    seed=args.seed)
     else:
         if args.videos:
             skipped: List[Path] = []
@@ -1237,8 +1234,8 @@ def format_digits(result: Dict[str, object]) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" if c in row else "" for c in columns) + " |")
         return head + "\n" + "\n".join(lines)
     source = f"{result['source']}: {result['n_samples']} clips"
-    if "weights" in result:
-        source += f" (iteration {result['iteration']}, {result['weights']}, BatchNorm {result['bn_mode']})"
+    if "bn_mode" in result:
+        source += f" (iteration {result['iteration']}, BatchNorm {result['bn_mode']})"
     if result.get("skipped"):
         source += f", {result['skipped']} unreadable skipped"
     lines = [f"{'score':<22}{'clips':>10}{'real':>10}"]
@@ -1254,7 +1251,7 @@ def build_parser() -> argparse.ArgumentParser:
     pick = source.add_mutually_exclusive_group(required=True)
     pick.add_argument("--checkpoint", metavar="CKPT",
                       help="training checkpoint or G-only snapshot; its generator samples the videos (eval mode, "
-                           "BatchNorm running stats; weights from 'generator_ema' when it has them, see --no-ema)")
+                           "BatchNorm running stats)")
     pick.add_argument("--videos", metavar="DIR",
                       help="folder of .gif/.mp4/.avi/.mov/.mkv/.webm/uint8 .npy videos (searched recursively, "
                            "grid.* skipped); the first --frames frames of each are used")
@@ -1273,8 +1270,6 @@ def build_parser() -> argparse.ArgumentParser:
     opts.add_argument("--no-square-crop", dest="square_crop", action="store_false",
                       help="feed non-square video files whole instead of their central square "
                            "(generated videos are square)")
-    opts.add_argument("--no-ema", dest="ema", action="store_false",
-                      help="sample with the checkpoint's raw 'generator' weights even when it has 'generator_ema'")
     opts.add_argument("--json", action="store_true", help="print the results as one JSON object")
     opts.add_argument("--quiet", action="store_true", help="no progress bars or notes on stderr")
 
@@ -1336,7 +1331,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     metric = {"is": "IS", "fid": "FID", "fvd": "FVD"}[args.command]
     # cheap checks first: the C3D weights take a while to load
     if args.checkpoint:
-        gen, ckpt, weights = load_generator(args.checkpoint, device, args.ema)
+        gen, ckpt = load_generator(args.checkpoint, device)
         if args.level is not None and args.level > gen.n_levels:
             raise InputError(f"--level {args.level}: the generator has levels 1..{gen.n_levels}")
     else:
@@ -1365,15 +1360,14 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         result = evaluate_generator(gen, models, n_samples=args.n_samples or 2048, repeats=repeats,
                                     splits=splits, batch_size=args.batch_size, n_frames=args.frames,
                                     level=args.level, seed=args.seed, progress=progress)
-        result.update(source=str(args.checkpoint), iteration=ckpt.get("iteration"), weights=weights)
+        result.update(source=str(args.checkpoint), iteration=ckpt.get("iteration"))
     else:
         if (args.repeats or 1) > 1 and progress:
             print(f"note: a folder is scored once; --repeats {args.repeats} ignored", file=sys.stderr)
         result = evaluate_videos(paths, models, splits=splits, batch_size=args.batch_size, n_frames=args.frames,
                                  square_crop=args.square_crop, workers=args.workers, progress=progress)
         result["source"] = str(args.videos)
-    keep = {metric, f"{metric}_std", f"{metric}_runs", "n_samples", "repeats", "splits", "skipped", "source", "iteration",
-            "weights"}
+    keep = {metric, f"{metric}_std", f"{metric}_runs", "n_samples", "repeats", "splits", "skipped", "source", "iteration"}
     return {"metric": metric, **{k: v for k, v in result.items() if k in keep}}
 
 

@@ -32,10 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                "(2 for a malformed flag).")
     parser.add_argument("--checkpoint", required=True, metavar="CKPT",
                         help="training checkpoint (OUT/checkpoint.pt) or G-only snapshot "
-                             "(OUT/snapshots/snapshot_XXXXXX.pt); a checkpoint's EMA weights are used when it has "
-                             "them (see --no-ema)")
-    parser.add_argument("--no-ema", dest="ema", action="store_false",
-                        help="sample with a checkpoint's raw 'generator' weights even when it has 'generator_ema'")
+                             "(OUT/snapshots/snapshot_XXXXXX.pt)")
     parser.add_argument("--n", type=positive_int, default=16, help="number of videos (default 16)")
     parser.add_argument("--frames", type=positive_int, default=None,
                         help="frames per video (default: the training length); longer works")
@@ -103,7 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         device = pick_device(args.device)
-        gen, ckpt, weights = load_generator(args.checkpoint, device, args.ema)
+        gen, ckpt = load_generator(args.checkpoint, device)
         if args.level is not None and args.level > gen.n_levels:
             raise InputError(f"--level {args.level}: the generator has levels 1..{gen.n_levels}")
         classes = ckpt.get("config", {}).get("classes")
@@ -112,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         written = write_samples(args, gen, class_id, classes, out)
     except (InputError, OSError) as err:  # bad input, or a full or read-only disk while writing
         return report_error("generate.py", err)
-    print(f"wrote {written} to {out} (iteration {ckpt.get('iteration', '?')} of {args.checkpoint}, {weights})")
+    print(f"wrote {written} to {out} (iteration {ckpt.get('iteration', '?')} of {args.checkpoint})")
     return 0
 
 

@@ -504,27 +504,22 @@ class Generator(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def load_generator(path, device="cpu", ema: bool = True) -> Tuple[Generator, dict, str]:
+def load_generator(path, device="cpu") -> Tuple[Generator, dict]:
     """Rebuild the generator of a training checkpoint or of a G-only snapshot, in eval mode.
 
-    Both hold ``generator`` and ``config``; a full checkpoint may also hold ``generator_ema``, which
-    is used when ``ema`` (a snapshot's ``generator`` already is the EMA copy when its ``ema`` is
-    true).  Entries the EMA copy lacks come from ``generator``.  Returns ``(generator, checkpoint,
-    name of the weights used)``; a missing, unreadable or foreign file raises a one-line
-    :class:`utils.InputError` naming ``path``.
+    Both hold ``generator`` and ``config``.  Returns ``(generator, checkpoint)``; a missing,
+    unreadable or foreign file raises a one-line :class:`utils.InputError` naming ``path``.
     """
     try:
         ckpt = load_checkpoint(path, map_location=device)
         if "generator" not in ckpt or "config" not in ckpt:
             raise KeyError("not a TGANv2 checkpoint or snapshot (no 'generator'/'config' entry)")
         gen = Generator(ModelConfig(**ckpt["config"]["model"])).to(device)
-        use_ema = ema and "generator_ema" in ckpt
-        weights = "generator_ema" if use_ema or ckpt.get("ema") else "generator"
-        load_weights(gen, {**ckpt["generator"], **ckpt["generator_ema"]} if use_ema else ckpt["generator"], weights)
+        load_weights(gen, ckpt["generator"], "generator")
     except (FileNotFoundError, KeyError, RuntimeError, TypeError, ValueError) as err:
         message = first_line(err)
         raise InputError(message if str(path) in message else f"{path}: {message}") from None
-    return gen.eval(), ckpt, weights
+    return gen.eval(), ckpt
 
 
 @contextmanager

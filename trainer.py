@@ -5,7 +5,6 @@ everything else (settings, flags, the GAN update, logging, samples, checkpoints,
 """
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -36,7 +35,7 @@ from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoa
 # Flags that define the experiment: on --resume they come from the checkpoint, not the command line.
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
                    "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
-                   "split", "sync_bn", "recipe", "ema_decay", "content_skip")
+                   "split", "sync_bn", "recipe", "content_skip")
 
 # Adam's epsilon as Chainer applies it: added to sqrt(v) before bias correction (the authors' optimiser).
 CHAINER_ADAM_EPS = 8e-8
@@ -48,9 +47,9 @@ AUTHORS_R1_WEIGHT, AUTHORS_BATCH = 0.5, 32
 # Training recipes: the authors' exactly (`paper`), and this project's default, chosen by measuring quality at
 # equal wall-clock on 64-px moving digits (README, "Recipe").  Explicit flags override a recipe's values.
 RECIPES = {
-    "paper": dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, ema_decay=0.0, content_skip=False,
+    "paper": dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, content_skip=False,
                   gp_weight=AUTHORS_R1_WEIGHT),
-    "tuned": dict(amp="auto", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, ema_decay=0.0, content_skip=True),
+    "tuned": dict(amp="auto", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, content_skip=True),
 }
 
 
@@ -89,7 +88,6 @@ class TrainConfig:
     lr_d: Optional[float] = None  # recipe
     beta1: Optional[float] = None  # recipe
     beta2: Optional[float] = None  # recipe
-    ema_decay: Optional[float] = None  # recipe
     content_skip: Optional[bool] = None  # recipe
     amp: Optional[str] = None  # recipe: "auto", "none" or "bf16"
     gp_weight: Optional[float] = None  # recipe
@@ -168,15 +166,12 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
     p.add_argument("--batch-size", type=positive_int, help="clips per iteration (per process under torchrun)")
     p.add_argument("--n-frames", type=positive_int, help="frames per training clip (T)")
     p.add_argument("--recipe", choices=sorted(RECIPES),
-                   help="training recipe: 'paper' is the authors' exactly (fp32, no EMA); 'tuned' is this project's "
+                   help="training recipe: 'paper' is the authors' exactly (fp32); 'tuned' is this project's "
                         "default, measured to learn faster per unit of compute; the flags marked 'recipe' override it")
     p.add_argument("--lr-g", type=positive_float, help="Adam learning rate of the generator (recipe)")
     p.add_argument("--lr-d", type=positive_float, help="Adam learning rate of the discriminators (recipe)")
     p.add_argument("--beta1", type=unit_interval, help="Adam beta1 for both networks (recipe)")
     p.add_argument("--beta2", type=unit_interval, help="Adam beta2 for both networks (recipe)")
-    p.add_argument("--ema-decay", type=unit_interval,
-                   help="exponential moving average of G's weights for samples, snapshots and evaluation; "
-                        "0 = off (recipe)")
     p.add_argument("--content-skip", action=argparse.BooleanOptionalAction,
                    help="add z's projection to every ConvLSTM output, so every frame sees the latent (recipe)")
     p.add_argument("--gp-weight", type=non_negative_float,
@@ -191,8 +186,8 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
     p.add_argument("--sample-every", type=positive_int, help="write a GIF sample grid every N iterations")
     p.add_argument("--checkpoint-every", type=positive_int, help="write OUT/checkpoint.pt every N iterations")
     p.add_argument("--snapshot-every", type=non_negative_int,
-                   help="write a small G-only snapshot OUT/snapshots/snapshot_XXXXXX.pt every N iterations "
-                        "(the EMA weights when --ema-decay > 0); 0 = never")
+                   help="write a small G-only snapshot OUT/snapshots/snapshot_XXXXXX.pt every N iterations; "
+                        "0 = never")
     p.add_argument("--log-every", type=positive_int,
                    help="update the progress bar, metrics.jsonl and TensorBoard every N iterations (the only host "
                         "sync)")
@@ -307,21 +302,13 @@ class Trainer:
         self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=config.lr_g, **adam)
         self.opt_d = torch.optim.Adam(self.dis.parameters(), lr=config.lr_d, **adam)
         self.dis_params = list(self.dis.parameters())
-        self.ema_decay = config.ema_decay
-        # The averaged generator: weights and BatchNorm statistics, never trained directly.
-        self.gen_ema = copy.deepcopy(self.gen).requires_grad_(False).eval() if self.ema_decay > 0 else None
         self.iteration = 0
         self.amp = resolve_amp(config.amp, device)
         bf16 = self.amp == "bf16"
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
 
-    @property
-    def sampler(self) -> torch.nn.Module:
-        """The generator that samples and evaluations use: the EMA copy when there is one."""
-        return self.gen_ema if self.gen_ema is not None else self.gen
-
     def set_iteration(self, iteration: int) -> None:
-        """Prepare the update of 0-based ``iteration``: learning rates, Adam's epsilon, the EMA warm-up."""
+        """Prepare the update of 0-based ``iteration``: learning rates and Adam's epsilon."""
         a = self.config
         self.iteration = iteration
         # Chainer's eps on sqrt(v) before bias correction equals eps / sqrt(1 - beta2^t) after it.
@@ -330,20 +317,6 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = linear_decay(base, iteration, a.lr_decay_start, a.iterations)
                 group["eps"] = eps
-
-    @torch.no_grad()
-    def update_ema(self) -> None:
-        """Move the EMA generator towards G (decay ramps up over the first iterations)."""
-        if self.gen_ema is None:
-            return
-        decay = min(self.ema_decay, (1 + self.iteration) / (10 + self.iteration))
-        ema_params, params = list(self.gen_ema.parameters()), list(self.gen.parameters())
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-        for ema_buf, buf in zip(self.gen_ema.buffers(), self.gen.buffers()):
-            if ema_buf.is_floating_point():
-                ema_buf.lerp_(buf, 1.0 - decay)
-            else:
-                ema_buf.copy_(buf)
 
     def step(self, x_real: torch.Tensor, labels: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
              fake_labels: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
@@ -377,7 +350,6 @@ class Trainer:
         torch.autograd.backward(fake, grad_fake)
         average_gradients(self.gen)
         self.opt_g.step()
-        self.update_ema()
 
         # 2. discriminator on the same forward passes, plus R1 on the real pyramid.
         loss_adv = discriminator_loss(y_real, y_fake)
@@ -390,26 +362,18 @@ class Trainer:
         return {"loss_g": loss_g.detach(), "loss_d": loss_adv.detach(), "r1": r1.detach()}
 
     def state_dict(self) -> dict:
-        state = {"generator": self.gen.state_dict(), "discriminator": self.dis.state_dict(),
-                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()}
-        if self.gen_ema is not None:
-            state["generator_ema"] = self.gen_ema.state_dict()
-        return state
+        return {"generator": self.gen.state_dict(), "discriminator": self.dis.state_dict(),
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         load_weights(self.gen, state["generator"], "generator")
         load_weights(self.dis, state["discriminator"], "discriminator")
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
-        if self.gen_ema is not None:
-            if "generator_ema" in state:
-                load_weights(self.gen_ema, state["generator_ema"], "generator_ema")
-            else:  # a checkpoint of a run without EMA: start the average from its weights
-                self.gen_ema.load_state_dict(self.gen.state_dict())
 
     def snapshot(self) -> dict:
-        """A small G-only state: the sampling generator's weights (EMA when on) under ``generator``."""
-        return {"generator": self.sampler.state_dict(), "ema": self.gen_ema is not None}
+        """A small G-only state: G's weights under ``generator``."""
+        return {"generator": self.gen.state_dict()}
 
 
 def any_rank(flag: bool, world_size: int, device) -> bool:
@@ -516,6 +480,9 @@ def resolve_resume(config: TrainConfig) -> Optional[dict]:
                 else "an unconditional model")
         raise ValueError(f"--resume: {path} holds {held}; "
                          f"{'pass' if saved.get('conditional') else 'drop'} --conditional to continue it")
+    if saved.get("ema_decay") or "generator_ema" in ckpt:  # written before the EMA option was removed
+        raise ValueError(f"--resume: {path} holds an average of G's weights (--ema-decay), which this version no "
+                         "longer keeps; resuming would drop it (generate.py and evaluate.py still read its G)")
     for key in EXPERIMENT_KEYS:
         if key in saved and getattr(config, key) != saved[key]:
             print(f"--resume: using {key}={saved[key]!r} from the checkpoint", file=sys.stderr)
@@ -752,27 +719,27 @@ class Run:
             self.board.scalars(record["iteration"], {BOARD_TAGS.get(k, f"metrics/{k}"): v for k, v in numbers.items()})
 
     def sample(self, iteration: int) -> None:
-        """A sample grid through the script's ``genSamples``, in eval mode (EMA weights when on)."""
+        """A sample grid through the script's ``genSamples``, in eval mode."""
         if not self.is_main:
             return
         trainer = self.trainer
-        with sampling_mode(trainer.sampler), torch.no_grad(), trainer.autocast():
-            path = self.gen_samples(trainer.sampler, self.fixed_z, iteration, self.out, self.fixed_labels,
+        with sampling_mode(trainer.gen), torch.no_grad(), trainer.autocast():
+            path = self.gen_samples(trainer.gen, self.fixed_z, iteration, self.out, self.fixed_labels,
                                     n_frames=trainer.cfg.n_frames)
         if self.board is not None and path is not None and Path(path).suffix == ".gif":
             self.board.gif("samples", path, iteration)
 
     def evaluate(self, iteration: int) -> None:
-        """IS / FVD, or the moving-digit scores, of the sampling generator into metrics.jsonl and TensorBoard."""
+        """IS / FVD, or the moving-digit scores, of G into metrics.jsonl and TensorBoard."""
         if not self.is_main:
             return
         from evaluate import digit_metrics_for_generator, evaluate_generator
 
         if self.config.eval_metric == "digits":
-            scores = digit_metrics_for_generator(self.trainer.sampler, n_samples=self.config.eval_samples,
+            scores = digit_metrics_for_generator(self.trainer.gen, n_samples=self.config.eval_samples,
                                                  n_frames=self.trainer.cfg.n_frames, seed=self.config.seed)
         else:
-            scores = evaluate_generator(self.trainer.sampler, self.eval_models, n_samples=self.config.eval_samples,
+            scores = evaluate_generator(self.trainer.gen, self.eval_models, n_samples=self.config.eval_samples,
                                         n_frames=self.trainer.cfg.n_frames, seed=self.config.seed)
         record = {"iteration": iteration, **{k: v for k, v in scores.items() if not k.endswith("_runs")}}
         self.write_metrics(record)
@@ -780,7 +747,7 @@ class Run:
         tqdm.write(f"iteration {iteration}: " + ", ".join(f"{k} {record[k]:.3f}" for k in shown if k in record))
 
     def snapshot(self, iteration: int) -> None:
-        """``OUT/snapshots/snapshot_XXXXXX.pt``: the sampling generator only (see :meth:`Trainer.snapshot`)."""
+        """``OUT/snapshots/snapshot_XXXXXX.pt``: G only (see :meth:`Trainer.snapshot`)."""
         if self.is_main:
             state = self.trainer.snapshot()
             state.update(iteration=iteration, config=self.record)

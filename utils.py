@@ -85,7 +85,7 @@ def non_negative_float(text: str) -> float:
 
 
 def unit_interval(text: str) -> float:
-    """A number in ``[0, 1)``: Adam's betas, an EMA decay."""
+    """A number in ``[0, 1)``: Adam's betas."""
     value = float(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")

@@ -22,7 +22,7 @@ import generate
 import train_movingmnist
 import utils
 from test_training import TinyI3D
-from utils import (CheckpointError, CheckpointWriteError, NonFiniteState, load_checkpoint, nonfinite_entries,
+from utils import (CheckpointWriteError, NonFiniteState, load_checkpoint, nonfinite_entries,
                    previous_checkpoint_path, rejected_checkpoint_path, save_checkpoint, temporary_checkpoint_path,
                    write_video)
 

@@ -12,7 +12,7 @@ import generate
 import train_movingmnist
 import train_ucf101
 from test_training import TinyI3D
-from utils import load_checkpoint
+from utils import load_checkpoint, save_checkpoint
 
 FAST = ["--data", "synthetic", "--batch-size", "2", "--workers", "0", "--sample-grid", "2", "--log-every", "1",
         "--device", "cpu"]
@@ -80,19 +80,30 @@ def test_resume_keeps_the_first_config_and_writes_one_per_resume(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.pt")["config"]["iterations"] == 4
 
 
+def test_resume_refuses_a_checkpoint_with_an_averaged_generator(tmp_path, capsys):
+    run(tmp_path, "--iterations", "1")
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    ckpt["generator_ema"] = ckpt["generator"]  # as runs with the removed --ema-decay wrote them
+    save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "--iterations", "2", "--resume")
+    assert exit_info.value.code != 0
+    assert "holds an average of G's weights (--ema-decay)" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == 1  # untouched
+
+
 def test_generate_and_evaluate_load_a_snapshot_like_a_checkpoint(tmp_path, capsys):
-    run(tmp_path / "run", "--iterations", "2", "--ema-decay", "0.9", "--snapshot-every", "2")
+    run(tmp_path / "run", "--iterations", "2", "--snapshot-every", "2")
     checkpoint = tmp_path / "run" / "checkpoint.pt"
     snapshot = tmp_path / "run" / "snapshots" / "snapshot_000002.pt"
     assert snapshot.stat().st_size < checkpoint.stat().st_size / 2  # G only: a file to share
     flags = ["--n", "2", "--frames", "4", "--format", "npy", "--no-grid", "--device", "cpu"]
-    for name, source, extra in (("snap", snapshot, []), ("ema", checkpoint, []), ("raw", checkpoint, ["--no-ema"])):
-        assert generate.main(["--checkpoint", str(source), "--out", str(tmp_path / name), *flags, *extra]) == 0
-    out = capsys.readouterr().out
-    assert "iteration 2 of" in out and "generator_ema" in out
-    snap, ema, raw = (np.load(tmp_path / name / "video_0000.npy") for name in ("snap", "ema", "raw"))
-    np.testing.assert_array_equal(snap, ema)  # the snapshot holds the checkpoint's EMA generator
-    assert not np.array_equal(snap, raw)
+    for name, source in (("snap", snapshot), ("full", checkpoint)):
+        assert generate.main(["--checkpoint", str(source), "--out", str(tmp_path / name), *flags]) == 0
+    assert "iteration 2 of" in capsys.readouterr().out
+    snap, full = (np.load(tmp_path / name / "video_0000.npy") for name in ("snap", "full"))
+    np.testing.assert_array_equal(snap, full)  # the snapshot holds the checkpoint's generator
+    assert set(load_checkpoint(snapshot)) == {"generator", "iteration", "config"}
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in torch 2.14
@@ -104,7 +115,6 @@ def test_generate_and_evaluate_load_a_snapshot_like_a_checkpoint(tmp_path, capsy
                               str(tmp_path / "real.npz"), "--n-samples", "4", "--device", "cpu", "--json",
                               "--quiet"]) == 0
         scores[source.name] = json.loads(capsys.readouterr().out)
-    assert scores["snapshot_000002.pt"]["weights"] == scores["checkpoint.pt"]["weights"] == "generator_ema"
     assert scores["snapshot_000002.pt"]["iteration"] == 2
     assert scores["snapshot_000002.pt"]["FVD"] == pytest.approx(scores["checkpoint.pt"]["FVD"])
 
@@ -117,5 +127,5 @@ def test_each_train_script_lists_only_the_flags_that_apply_to_it():
     mnist_words, ucf_words = " ".join(mnist.split()), " ".join(ucf.split())
     assert "moving-digit scores" in mnist_words and "IS (with --c3d-weights" in ucf_words  # what --eval-every scores
     assert "--preset {movingmnist}" in mnist and "paper" in ucf
-    for flag in ("--config", "--tensorboard", "--snapshot-every", "--ema-decay", "--resume"):
+    for flag in ("--config", "--tensorboard", "--snapshot-every", "--resume"):
         assert flag in mnist and flag in ucf

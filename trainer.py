@@ -371,10 +371,6 @@ class Trainer:
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
 
-    def snapshot(self) -> dict:
-        """A small G-only state: G's weights under ``generator``."""
-        return {"generator": self.gen.state_dict()}
-
 
 def any_rank(flag: bool, world_size: int, device) -> bool:
     """Whether ``flag`` is true on any process (a collective call when ``world_size > 1``)."""
@@ -480,7 +476,7 @@ def resolve_resume(config: TrainConfig) -> Optional[dict]:
                 else "an unconditional model")
         raise ValueError(f"--resume: {path} holds {held}; "
                          f"{'pass' if saved.get('conditional') else 'drop'} --conditional to continue it")
-    if saved.get("ema_decay") or "generator_ema" in ckpt:  # written before the EMA option was removed
+    if "generator_ema" in ckpt:  # written by --ema-decay, an option since removed
         raise ValueError(f"--resume: {path} holds an average of G's weights (--ema-decay), which this version no "
                          "longer keeps; resuming would drop it (generate.py and evaluate.py still read its G)")
     for key in EXPERIMENT_KEYS:
@@ -747,10 +743,9 @@ class Run:
         tqdm.write(f"iteration {iteration}: " + ", ".join(f"{k} {record[k]:.3f}" for k in shown if k in record))
 
     def snapshot(self, iteration: int) -> None:
-        """``OUT/snapshots/snapshot_XXXXXX.pt``: G only (see :meth:`Trainer.snapshot`)."""
+        """``OUT/snapshots/snapshot_XXXXXX.pt``: G's weights, the iteration and the config."""
         if self.is_main:
-            state = self.trainer.snapshot()
-            state.update(iteration=iteration, config=self.record)
+            state = {"generator": self.trainer.gen.state_dict(), "iteration": iteration, "config": self.record}
             save_checkpoint(state, self.out / "snapshots" / f"snapshot_{iteration:06d}.pt", keep_previous=False)
 
     def checkpoint(self, iteration: int) -> None:

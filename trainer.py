@@ -49,7 +49,7 @@ AUTHORS_R1_WEIGHT, AUTHORS_BATCH = 0.5, 32
 RECIPES = {
     "paper": dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, content_skip=False,
                   gp_weight=AUTHORS_R1_WEIGHT),
-    "tuned": dict(amp="auto", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, content_skip=True),
+    "tuned": dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9, content_skip=True),
 }
 
 
@@ -200,8 +200,8 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
     p.add_argument("--device", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["auto", "none", "bf16"],
                    help="bf16 autocast for the networks (losses and R1 stay fp32); auto = bf16 on GPUs that support "
-                        "it, else none: bf16 on a CPU can give non-finite gradients (README, 'Cost and speed') "
-                        "(recipe)")
+                        "it, else none: bf16 on a CPU can give non-finite gradients (README, 'Cost and speed'); both "
+                        "recipes run fp32, since bf16 lost quality at equal iterations (README, 'Recipe') (recipe)")
     p.add_argument("--workers", type=non_negative_int,
                    help="DataLoader worker processes (0 = load in the main process)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,

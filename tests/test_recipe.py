@@ -21,7 +21,7 @@ def test_paper_recipe_is_the_authors_and_flags_override_a_recipe():
     assert (paper.amp, paper.lr_g, paper.lr_d, paper.beta1, paper.beta2) == ("none", 1e-4, 1e-4, 0.0, 0.9)
     assert not paper.content_skip
     tuned = parse()
-    assert (tuned.recipe, tuned.amp, tuned.content_skip) == ("tuned", "auto", True)
+    assert (tuned.recipe, tuned.amp, tuned.content_skip) == ("tuned", "none", True)
     assert parse("--recipe", "paper", "--lr-g", "3e-4").lr_g == 3e-4
     assert parse().recipe == "tuned"
 

@@ -363,13 +363,15 @@ def step_flops(cfg, config: TrainConfig, batch_size: int) -> int:
 
 def measure_speed(preset: str = "movingmnist", batch_size: int = 8, device: str = "auto", amp: str = "none",
                   compile: bool = False, channels_last: bool = False, steps: int = 10, warmup: int = 3,
-                  subsample_frames=None, subsample_batch=None) -> dict:
+                  subsample_frames=None, subsample_batch=None, motion_warp: bool = False) -> dict:
     """Time ``steps`` training iterations (``Trainer.step``) on random clips after ``warmup`` untimed ones.
 
-    Strides of 1 (``subsample_frames=[1, 1, 1]``) measure naive dense training.
+    Strides of 1 (``subsample_frames=[1, 1, 1]``) measure naive dense training; ``motion_warp`` times the
+    generator of the default recipe (docs/METHOD.md, 'Motion warp') instead of the preset's.
     """
     device = pick_device(device)
-    cfg = model_config(preset, subsample_frames=subsample_frames, subsample_batch=subsample_batch)
+    cfg = model_config(preset, subsample_frames=subsample_frames, subsample_batch=subsample_batch,
+                       motion_warp=motion_warp)
     config = TrainConfig(amp=amp, iterations=steps + warmup, sync_bn=False, compile=compile,
                          channels_last=channels_last)
     flops = step_flops(cfg, config, batch_size)
@@ -391,7 +393,7 @@ def measure_speed(preset: str = "movingmnist", batch_size: int = 8, device: str 
     peak = matmul_peak_tflops(device, torch.bfloat16 if amp == "bf16" else torch.float32)
     achieved = flops / seconds / 1e12
     return {"preset": preset, "batch_size": batch_size, "device": str(device),
-            "subsample_frames": cfg.subsample_frames, "subsample_batch": cfg.subsample_batch,
+            "subsample_frames": cfg.subsample_frames, "subsample_batch": cfg.subsample_batch, "motion_warp": motion_warp,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "threads": torch.get_num_threads(), "amp": amp, "compile": compile, "channels_last": channels_last,
             "s_per_iter": seconds, "it_per_s": 1 / seconds, "samples_per_s": batch_size / seconds,
@@ -470,6 +472,9 @@ def add_speed_parser(subparsers) -> None:
     p.add_argument("--channels-last", action="store_true", help="channels-last layouts")
     p.add_argument("--subsample-frames", type=int_list, help="frame strides (1,1,1 = naive); default: the preset's")
     p.add_argument("--subsample-batch", type=int_list, help="batch strides; default: the preset's")
+    p.add_argument("--motion-warp", action="store_true",
+                   help="time the generator of train_movingmnist.py's default recipe (one map per clip, moved by "
+                        "flow fields) instead of the preset's per-frame renderer")
     p.add_argument("--steps", type=int, default=10, help="timed iterations")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation, autotuning)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -478,7 +483,7 @@ def add_speed_parser(subparsers) -> None:
 
 def run_speed(args) -> dict:
     result = measure_speed(args.preset, args.batch_size, args.device, args.amp, args.compile, args.channels_last,
-                           args.steps, args.warmup, args.subsample_frames, args.subsample_batch)
+                           args.steps, args.warmup, args.subsample_frames, args.subsample_batch, args.motion_warp)
     if args.json:
         print(json.dumps(result, indent=2))
         return result

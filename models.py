@@ -42,6 +42,7 @@ class ModelConfig:
     subsample_batch: List[int] = field(default_factory=lambda: [1, 1, 1])
     n_classes: int = 0  # > 0: class-conditional (categorical BN in G, projection in every D)
     content_skip: bool = False  # add the fc output to every ConvLSTM output (the authors: no)
+    motion_warp: bool = False  # render one map per clip, moved by per-frame flows from the ConvLSTM (the authors: no)
 
     @property
     def n_levels(self) -> int:
@@ -308,6 +309,28 @@ class RenderHead(nn.Module):
         return torch.tanh(self.conv(F.relu(normalize(self.bn, x, labels))))
 
 
+def warp(content: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Move one feature map per clip to every frame by backward warping.
+
+    ``content`` ``(N, C, H, W)``; ``flow`` ``(N, T, 2, h, w)``: per-frame x and y displacements in
+    ``grid_sample``'s normalised units (2 = the frame's width), bilinearly resized to ``(H, W)``.
+    Frame ``t`` at pixel ``p`` reads ``content`` at ``p + flow_t(p)``, bilinearly, and the border
+    value beyond the edge.  Returns ``(N * T, C, H, W)``.
+    """
+    n, t = flow.shape[:2]
+    height, width = content.shape[-2:]
+    flow = flow.reshape(n * t, 2, *flow.shape[-2:])
+    if flow.shape[-2:] != (height, width):
+        flow = F.interpolate(flow, size=(height, width), mode="bilinear", align_corners=False)
+    # Pixel centres in normalised coordinates (align_corners=False): the identity grid.
+    ys = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, device=flow.device, dtype=flow.dtype)
+    xs = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, device=flow.device, dtype=flow.dtype)
+    grid_x, grid_y = torch.meshgrid(xs, ys, indexing="xy")
+    grid = torch.stack((grid_x, grid_y), -1) + flow.permute(0, 2, 3, 1)
+    return F.grid_sample(content.repeat_interleave(t, 0), grid.to(content.dtype), mode="bilinear",
+                         padding_mode="border", align_corners=False)
+
+
 def subsample(x: torch.Tensor, subsample_frames: int, subsample_batch: int, time_dim: int,
               offset: Optional[int] = None, offset_per_sample: bool = False) -> torch.Tensor:
     """Keep every ``subsample_frames``-th frame from a random offset and every ``subsample_batch``-th sample.
@@ -383,6 +406,10 @@ class Generator(nn.Module):
     (random offset) and every ``subsample_batch[l]``-th sample, and returns one render per level, level ``l`` shaped
     ``(N_l, C, T_l, H_l, W_l)``.  ``generate(z, n_frames, level)`` renders densely.  A conditional
     generator (``cfg.n_classes > 0``) also takes ``labels`` ``(N,)``, which steer every BatchNorm.
+
+    With ``cfg.motion_warp`` the level blocks run once per clip, on a content map made from z's
+    projection, and every frame is that map warped by a flow field read from the ConvLSTM's features
+    (:func:`warp`), so a glyph moves instead of being redrawn at every frame.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -402,6 +429,15 @@ class Generator(nn.Module):
             self.level_blocks.append(UpBlock(ch, out_ch, k))
             self.renders.append(RenderHead(out_ch, cfg.out_channels, k))
             ch = out_ch
+        if cfg.motion_warp:
+            self.flow_head = nn.Conv2d(cfg.base_channels[-1], 2, 3, padding=1)
+            nn.init.zeros_(self.flow_head.weight)  # zero flow: every frame starts as the content map
+            nn.init.zeros_(self.flow_head.bias)
+            self.content_blocks = nn.ModuleList()
+            ch = cfg.clstm_ch
+            for out_ch in cfg.base_channels:
+                self.content_blocks.append(UpBlock(ch, out_ch, k))
+                ch = out_ch
 
     @property
     def n_levels(self) -> int:
@@ -433,6 +469,10 @@ class Generator(nn.Module):
 
     def frames(self, z: torch.Tensor, n_frames: int, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Level-1 features of every frame: ``(N * n_frames, C_base, r1, r1)``."""
+        return self._frames(z, n_frames, labels)[1]
+
+    def _frames(self, z: torch.Tensor, n_frames: int, labels: Optional[torch.Tensor]):
+        """z's projection ``(N, C, t, t)`` and the level-1 features of every frame (see :meth:`frames`)."""
         n = z.shape[0]
         x0, h = self.recurrent_states(z, n_frames)
         if self.cfg.content_skip:  # z's projection reaches every frame, not only the LSTM's first step
@@ -441,7 +481,23 @@ class Generator(nn.Module):
         per_frame = frame_labels(labels, n_frames)
         for block in self.base:
             h = block(h, per_frame)
-        return h
+        return x0, h
+
+    def content_and_flow(self, z: torch.Tensor, n_frames: int, labels: Optional[torch.Tensor] = None):
+        """For ``cfg.motion_warp``: the level-1 content map ``(N, C_base, r1, r1)`` and the flow
+        fields ``(N, n_frames, 2, r1, r1)`` that move it to each frame (see :func:`warp`)."""
+        x0, h = self._frames(z, n_frames, labels)
+        flow = self.flow_head(h).view(z.shape[0], n_frames, 2, *h.shape[-2:])
+        content = x0
+        for block in self.content_blocks:
+            content = block(content, labels)
+        return content, flow
+
+    def _render_warped(self, level: int, content: torch.Tensor, flow: torch.Tensor,
+                       labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """Level ``level`` (0-based) of every frame of ``flow`` from its content map: ``(N, C, T, H, W)``."""
+        per_frame = frame_labels(labels, flow.shape[1])
+        return unfold_time(self.renders[level](warp(content, flow), per_frame), content.shape[0])
 
     def forward(
         self,
@@ -461,10 +517,18 @@ class Generator(nn.Module):
         n_frames = n_frames or self.cfg.n_frames
         subsample_frames = self.cfg.subsample_frames if subsample_frames is None else subsample_frames
         subsample_batch = self.cfg.subsample_batch if subsample_batch is None else subsample_batch
+        per_level = level_labels(labels, subsample_batch)
+        if self.cfg.motion_warp:
+            content, flow = self.content_and_flow(z, n_frames, labels)
+            renders = [self._render_warped(0, content, flow, labels)]
+            for level, block in enumerate(self.level_blocks, start=1):
+                flow = subsample(flow, subsample_frames[level - 1], subsample_batch[level - 1], time_dim=1)
+                content = block(content[:: subsample_batch[level - 1]], per_level[level])
+                renders.append(self._render_warped(level, content, flow, per_level[level]))
+            return renders
         n, t = z.shape[0], n_frames
         h = self.frames(z, n_frames, labels)
         renders = [unfold_time(self.renders[0](h, frame_labels(labels, t)), n)]
-        per_level = level_labels(labels, subsample_batch)
         for level, (block, head) in enumerate(zip(self.level_blocks, self.renders[1:]), start=1):
             h = subsample(h.view(n, t, *h.shape[1:]), subsample_frames[level - 1], subsample_batch[level - 1],
                           time_dim=1)
@@ -492,6 +556,11 @@ class Generator(nn.Module):
         level = self.n_levels if level is None else level
         if not 1 <= level <= self.n_levels:
             raise ValueError(f"level must be in 1..{self.n_levels}, got {level}")
+        if self.cfg.motion_warp:
+            content, flow = self.content_and_flow(z, n_frames, labels)
+            for block in self.level_blocks[: level - 1]:
+                content = block(content, labels)
+            return self._render_warped(level - 1, content, flow, labels)
         per_frame = frame_labels(labels, n_frames)
         h = self.frames(z, n_frames, labels)
         for block in self.level_blocks[: level - 1]:

@@ -35,7 +35,10 @@ from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoa
 # Flags that define the experiment: on --resume they come from the checkpoint, not the command line.
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
                    "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
-                   "split", "sync_bn", "recipe", "content_skip")
+                   "split", "sync_bn", "recipe", "content_skip", "motion_warp")
+
+# Settings added after runs were written, with the value those runs used (an older config.json or checkpoint lacks them).
+SETTINGS_ADDED_LATER = {"motion_warp": False}
 
 # Adam's epsilon as Chainer applies it: added to sqrt(v) before bias correction (the authors' optimiser).
 CHAINER_ADAM_EPS = 8e-8
@@ -49,8 +52,8 @@ AUTHORS_R1_WEIGHT, AUTHORS_BATCH = 0.5, 32
 # The authors' optimiser and precision; `tuned` measured other values of each and kept these.
 AUTHORS_SETTINGS = dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9)
 RECIPES = {
-    "paper": dict(AUTHORS_SETTINGS, content_skip=False, gp_weight=AUTHORS_R1_WEIGHT),
-    "tuned": dict(AUTHORS_SETTINGS, content_skip=True),
+    "paper": dict(AUTHORS_SETTINGS, content_skip=False, motion_warp=False, gp_weight=AUTHORS_R1_WEIGHT),
+    "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True),
 }
 
 
@@ -90,6 +93,7 @@ class TrainConfig:
     beta1: Optional[float] = None  # recipe
     beta2: Optional[float] = None  # recipe
     content_skip: Optional[bool] = None  # recipe
+    motion_warp: Optional[bool] = None  # recipe
     amp: Optional[str] = None  # recipe: "auto", "none" or "bf16"
     gp_weight: Optional[float] = None  # recipe
     lr_decay_start: int = -1
@@ -175,6 +179,9 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
     p.add_argument("--beta2", type=unit_interval, help="Adam beta2 for both networks (recipe)")
     p.add_argument("--content-skip", action=argparse.BooleanOptionalAction,
                    help="add z's projection to every ConvLSTM output, so every frame sees the latent (recipe)")
+    p.add_argument("--motion-warp", action=argparse.BooleanOptionalAction,
+                   help="render one feature map per clip and move it to every frame with flow fields read from "
+                        "the ConvLSTM, instead of rendering each frame anew (recipe)")
     p.add_argument("--gp-weight", type=non_negative_float,
                    help="weight of the zero-centred R1 penalty on real data (lambda), a sum over each process's "
                         "batch; paper: 0.5, tuned: 16 / --batch-size, the authors' 0.5 x 32 per sample (recipe)")
@@ -266,7 +273,7 @@ def read_run_settings(path, out) -> dict:
         raise InputError(f"--config {path}: --out {out} is that run's own folder; pass a new --out "
                          "(or --resume to continue that run)")
     names = {f.name for f in dataclasses.fields(TrainConfig)} - set(NOT_FROM_CONFIG)
-    return {k: v for k, v in saved.items() if k in names}
+    return {k: v for k, v in {**SETTINGS_ADDED_LATER, **saved}.items() if k in names}
 
 
 def linear_decay(base_lr: float, iteration: int, start: int, total: int) -> float:
@@ -471,7 +478,7 @@ def resolve_resume(config: TrainConfig) -> Optional[dict]:
         ckpt = load_checkpoint(path, repair=True)  # never resumes from a non-finite or unreadable file
     except CheckpointError as err:
         raise CheckpointError(f"--resume: {err}") from None
-    saved = ckpt["config"]
+    saved = {**SETTINGS_ADDED_LATER, **ckpt["config"]}
     if bool(saved.get("conditional")) != config.conditional:
         held = (f"a conditional model ({saved['model']['n_classes']} classes)" if saved.get("conditional")
                 else "an unconditional model")
@@ -606,7 +613,8 @@ def build_trainer(config: TrainConfig, n_classes: int, device: torch.device, ran
     seed_everything(config.seed)
     cfg = model_config(config.preset, resolution=config.resolution, n_frames=config.n_frames,
                        subsample_frames=config.subsample_frames, subsample_batch=config.subsample_batch,
-                       n_classes=n_classes, content_skip=config.content_skip)
+                       n_classes=n_classes, content_skip=config.content_skip,
+                       motion_warp=config.motion_warp)
     trainer = Trainer(cfg, config, device)
     broadcast_module(trainer.gen)
     broadcast_module(trainer.dis)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import (ConvLSTM, Generator, MultiLevelDiscriminator, build_models, count_parameters,
-                    downsample_video, model_config, subsample)
+                    downsample_video, model_config, subsample, warp)
 
 
 def expected_shapes(cfg, n, frame_strides, batch_strides):
@@ -21,8 +21,9 @@ def expected_shapes(cfg, n, frame_strides, batch_strides):
 
 @pytest.mark.parametrize("preset", ["movingmnist", "paper"])
 @pytest.mark.parametrize("batch_strides", [[1, 1, 1], [2, 2, 2]])
-def test_training_naive_and_dense_shapes(preset, batch_strides):
-    cfg = model_config(preset, subsample_batch=batch_strides)
+@pytest.mark.parametrize("motion_warp", [False, True])
+def test_training_naive_and_dense_shapes(preset, batch_strides, motion_warp):
+    cfg = model_config(preset, subsample_batch=batch_strides, motion_warp=motion_warp)
     with torch.device("meta"):  # the paper preset is large: shapes only, no memory or compute
         gen, dis = build_models(cfg)
         z = torch.empty(8, cfg.z_dim)
@@ -50,6 +51,7 @@ def test_preset_resolutions_and_parameter_counts():
     with torch.device("meta"):
         g, d = build_models(model_config("movingmnist"))
         assert (count_parameters(g), count_parameters(d)) == (6_420_420, 7_485_060)
+        assert count_parameters(build_models(model_config("movingmnist", motion_warp=True))[0]) == 6_899_014
         g, d = build_models(model_config("paper"))
         assert (count_parameters(g), count_parameters(d)) == (88_032_460, 116_077_060)
 
@@ -165,3 +167,43 @@ def test_bf16_cpu_conv3d_on_two_frames_has_the_right_weight_gradient():
         grads[amp] = conv.weight.grad.clone()
     assert torch.isfinite(grads[True]).all()
     assert (grads[True] - grads[False]).norm() / grads[False].norm() < 0.02
+
+
+def test_warp_moves_content_by_whole_pixels_and_keeps_it_with_zero_flow():
+    content = torch.zeros(1, 1, 8, 8)
+    content[0, 0, 3, 3] = 1.0
+    flow = torch.zeros(1, 3, 2, 4, 4)  # three frames; a coarse field, resized to 8x8
+    flow[0, 1, 0] = 2 / 8  # frame 1 reads one pixel to the right: the dot moves one pixel left
+    flow[0, 2, 1] = -4 / 8  # frame 2 reads two pixels up: the dot moves two pixels down
+    frames = warp(content, flow)
+    assert frames.shape == (3, 1, 8, 8)
+    assert torch.equal(frames[0], content[0])
+    assert frames[1, 0].nonzero().tolist() == [[3, 2]]
+    assert frames[2, 0].nonzero().tolist() == [[5, 3]]
+    torch.testing.assert_close(frames.sum((1, 2, 3)), torch.ones(3))
+
+
+def test_motion_warp_starts_static_and_learns_a_flow():
+    torch.manual_seed(0)
+    cfg = model_config("movingmnist", n_frames=8, content_skip=True, motion_warp=True)
+    gen = Generator(cfg)
+    z = gen.sample_z(2)
+    gen.eval()
+    with torch.no_grad():
+        video = gen.generate(z)
+    assert video.shape == (2, 1, 8, 64, 64)
+    # The flow head starts at zero, so every frame is the content map rendered as is.
+    torch.testing.assert_close(video, video[:, :, :1].expand_as(video), rtol=0, atol=1e-6)
+    gen.train()
+    renders = gen(z, subsample_batch=[1, 2, 1])
+    assert [tuple(x.shape) for x in renders] == expected_shapes(cfg, 2, cfg.subsample_frames, [1, 2, 1])
+    sum(x.mean() for x in renders).backward()
+    assert [n for n, p in gen.named_parameters() if p.grad is None] == []
+    assert gen.flow_head.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # a uniform flow moves the frames: dense generation follows it
+        gen.flow_head.bias.copy_(torch.tensor([0.25, 0.0]))
+        gen.eval()
+        shifted = gen.generate(z)
+    content, flow = gen.content_and_flow(z, 8)
+    assert flow.shape == (2, 8, 2, 8, 8) and content.shape == (2, 128, 8, 8)
+    assert not torch.allclose(shifted, video, atol=1e-3)

@@ -19,9 +19,11 @@ def parse(*argv):
 def test_paper_recipe_is_the_authors_and_flags_override_a_recipe():
     paper = parse("--recipe", "paper")
     assert (paper.amp, paper.lr_g, paper.lr_d, paper.beta1, paper.beta2) == ("none", 1e-4, 1e-4, 0.0, 0.9)
-    assert not paper.content_skip
+    assert not paper.content_skip and not paper.motion_warp
+    assert parse("--recipe", "paper", "--motion-warp").motion_warp
     tuned = parse()
-    assert (tuned.recipe, tuned.amp, tuned.content_skip) == ("tuned", "none", True)
+    assert (tuned.recipe, tuned.amp, tuned.content_skip, tuned.motion_warp) == ("tuned", "none", True, True)
+    assert not parse("--no-motion-warp").motion_warp
     assert parse("--recipe", "paper", "--lr-g", "3e-4").lr_g == 3e-4
     assert parse().recipe == "tuned"
 

@@ -80,6 +80,23 @@ def test_resume_keeps_the_first_config_and_writes_one_per_resume(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.pt")["config"]["iterations"] == 4
 
 
+def test_runs_from_before_the_motion_warp_resume_and_rerun_without_it(tmp_path):
+    old = tmp_path / "old"
+    run(old, "--iterations", "1", "--no-motion-warp", "--snapshot-every", "0")
+    ckpt = load_checkpoint(old / "checkpoint.pt")
+    del ckpt["config"]["motion_warp"], ckpt["config"]["model"]["motion_warp"]  # as runs before the option wrote them
+    save_checkpoint(ckpt, old / "checkpoint.pt")
+    settings = json.loads((old / "config.json").read_text())
+    del settings["motion_warp"], settings["model"]["motion_warp"]
+    (old / "config.json").write_text(json.dumps(settings))
+    run(old, "--iterations", "2", "--resume")  # the default recipe warps, but this run renders every frame
+    resumed = load_checkpoint(old / "checkpoint.pt")
+    assert resumed["iteration"] == 2 and resumed["config"]["motion_warp"] is False
+    assert not any(name.startswith("flow_head") for name in resumed["generator"])
+    train_movingmnist.main(["--config", str(old / "config.json"), "--out", str(tmp_path / "again"), "--device", "cpu"])
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["model"]["motion_warp"] is False
+
+
 def test_resume_refuses_a_checkpoint_with_an_averaged_generator(tmp_path, capsys):
     run(tmp_path, "--iterations", "1")
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")

@@ -1081,6 +1081,29 @@ def recurrent_z_share(gen: nn.Module, z: torch.Tensor, n_frames: int = 16) -> to
     return between / states.pow(2).mean(dim=(0, 2, 3, 4)).clamp_min(1e-12)
 
 
+def warp_statistics(gen: nn.Module, z: torch.Tensor, n_frames: int = 16,
+                    labels: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """How a motion-warp generator (``cfg.motion_warp``) uses its flow, per frame, at the last level's size.
+
+    ``z`` ``(N, z_dim)``.  Returns ``shift`` ``(n_frames,)``: the mean distance in pixels from a pixel to where
+    it reads the content map; and ``distortion`` ``(n_frames,)``: the mean ``|det J - 1|`` of the map from a
+    pixel to where it reads, ``J`` its Jacobian by finite differences.  A glyph carried along unchanged (a
+    translation) has distortion 0 at any shift; a distortion of 1 means areas double or vanish.
+    """
+    if not getattr(gen.cfg, "motion_warp", False):
+        raise ValueError("warp statistics need a motion-warp generator (cfg.motion_warp)")
+    size = gen.cfg.resolutions[-1]
+    with torch.no_grad():
+        _, flow = gen.content_and_flow(z, n_frames, labels)  # (N, T, 2, h, w), 2 units = the frame's width
+    n, t = flow.shape[:2]
+    flow = F.interpolate(flow.float().reshape(n * t, 2, *flow.shape[-2:]), size=(size, size), mode="bilinear",
+                         align_corners=False).view(n, t, 2, size, size) * (size / 2)
+    d_dx = flow[..., :-1, 1:] - flow[..., :-1, :-1]  # (N, T, 2, H - 1, W - 1): change per pixel along x
+    d_dy = flow[..., 1:, :-1] - flow[..., :-1, :-1]
+    det = (1 + d_dx[:, :, 0]) * (1 + d_dy[:, :, 1]) - d_dy[:, :, 0] * d_dx[:, :, 1]
+    return {"shift": flow.norm(dim=2).mean(dim=(0, 2, 3)), "distortion": (det - 1).abs().mean(dim=(0, 2, 3))}
+
+
 def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: int = 16, seed: int = 0,
                                 device=None, batch_size: int = 32, bn_mode: str = "eval",
                                 level: Optional[int] = None, n_real: int = 512, real=None, classifier_path=None,
@@ -1091,9 +1114,10 @@ def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: 
     Keys: ``digit_score``, ``identity_consistency``, ``adjacent_agreement``, ``frechet_distance``, ``motion``,
     ``motion_ratio``, ``diversity``, ``diversity_ratio``, ``first_frame_jump``, ``ink_drift``, the
     real clips' ``real_*`` of each score without a ratio or distance (see
-    :func:`digit_summary`), and ``recurrent_z_share``, :func:`recurrent_z_share` at the last frame
-    (up to 256 of the latents).  Samples ``(n_samples, C, n_frames, H, W)`` come from a private RNG
-    seeded with ``seed`` (the training RNGs are untouched; every call sees the same latents) in
+    :func:`digit_summary`), ``recurrent_z_share``, :func:`recurrent_z_share` at the last frame
+    (up to 256 of the latents), and for a motion-warp generator ``warp_shift`` and ``warp_distortion``,
+    :func:`warp_statistics` averaged over frames (the same latents).  Samples ``(n_samples, C, n_frames, H, W)``
+    come from a private RNG seeded with ``seed`` (the training RNGs are untouched; every call sees the same latents) in
     :func:`sampling_mode` ``bn_mode``; ``gen``'s modes and BatchNorm statistics are restored.
     The classifier (:func:`load_digit_classifier`, on ``device``, default ``gen``'s) and the real
     statistics (:func:`real_digit_summary`) are loaded or computed on the first call only.
@@ -1108,7 +1132,11 @@ def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: 
         summary = summarize_digit_clips(classifier, batches, n_samples, "sampling", progress)
         z = gen.sample_z(min(n_samples, 256), generator=rng)
         share = recurrent_z_share(gen, z, n_frames)[-1].item()
-    return {**compare_digit_summaries(summary, real_summary), "recurrent_z_share": share}
+        inside = {"recurrent_z_share": share}
+        if getattr(gen.cfg, "motion_warp", False):
+            warp = warp_statistics(gen, z, n_frames, sample_classes(gen, len(z), rng))
+            inside.update(warp_shift=warp["shift"].mean().item(), warp_distortion=warp["distortion"].mean().item())
+    return {**compare_digit_summaries(summary, real_summary), **inside}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1239,7 +1267,7 @@ def format_digits(result: Dict[str, object]) -> str:
     if result.get("skipped"):
         source += f", {result['skipped']} unreadable skipped"
     lines = [f"{'score':<22}{'clips':>10}{'real':>10}"]
-    for name in columns + (("recurrent_z_share",) if "recurrent_z_share" in result else ()):
+    for name in columns + tuple(k for k in ("recurrent_z_share", "warp_shift", "warp_distortion") if k in result):
         real = result.get(f"real_{name}")
         lines.append(f"{name:<22}{result[name]:>10.4f}" + (f"{real:>10.4f}" if real is not None else ""))
     return "\n".join([head, source, *lines])

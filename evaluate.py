@@ -1090,7 +1090,7 @@ def warp_statistics(gen: nn.Module, z: torch.Tensor, n_frames: int = 16,
     pixel to where it reads, ``J`` its Jacobian by finite differences.  A glyph carried along unchanged (a
     translation) has distortion 0 at any shift; a distortion of 1 means areas double or vanish.
     """
-    if not getattr(gen.cfg, "motion_warp", False):
+    if not gen.cfg.motion_warp:
         raise ValueError("warp statistics need a motion-warp generator (cfg.motion_warp)")
     size = gen.cfg.resolutions[-1]
     with torch.no_grad():
@@ -1133,7 +1133,7 @@ def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: 
         z = gen.sample_z(min(n_samples, 256), generator=rng)
         share = recurrent_z_share(gen, z, n_frames)[-1].item()
         inside = {"recurrent_z_share": share}
-        if getattr(gen.cfg, "motion_warp", False):
+        if gen.cfg.motion_warp:
             warp = warp_statistics(gen, z, n_frames, sample_classes(gen, len(z), rng))
             inside.update(warp_shift=warp["shift"].mean().item(), warp_distortion=warp["distortion"].mean().item())
     return {**compare_digit_summaries(summary, real_summary), **inside}

@@ -1088,7 +1088,9 @@ def warp_statistics(gen: nn.Module, z: torch.Tensor, n_frames: int = 16,
     ``z`` ``(N, z_dim)``.  Returns ``shift`` ``(n_frames,)``: the mean distance in pixels from a pixel to where
     it reads the content map; and ``distortion`` ``(n_frames,)``: the mean ``|det J - 1|`` of the map from a
     pixel to where it reads, ``J`` its Jacobian by finite differences.  A glyph carried along unchanged (a
-    translation) has distortion 0 at any shift; a distortion of 1 means areas double or vanish.
+    translation) has distortion 0 at any shift; a distortion of 1 means areas double or vanish.  ``shared``
+    ``(n_frames,)``: the part of the flow's energy (mean squared displacement) that its mean over the clips
+    carries, 1 when every clip gets the same flow (a fixed lens), 0 when the clips' flows cancel out.
     """
     if not gen.cfg.motion_warp:
         raise ValueError("warp statistics need a motion-warp generator (cfg.motion_warp)")
@@ -1101,7 +1103,10 @@ def warp_statistics(gen: nn.Module, z: torch.Tensor, n_frames: int = 16,
     d_dx = flow[..., :-1, 1:] - flow[..., :-1, :-1]  # (N, T, 2, H - 1, W - 1): change per pixel along x
     d_dy = flow[..., 1:, :-1] - flow[..., :-1, :-1]
     det = (1 + d_dx[:, :, 0]) * (1 + d_dy[:, :, 1]) - d_dy[:, :, 0] * d_dx[:, :, 1]
-    return {"shift": flow.norm(dim=2).mean(dim=(0, 2, 3)), "distortion": (det - 1).abs().mean(dim=(0, 2, 3))}
+    energy = flow.square().sum(2).mean(dim=(0, 2, 3))
+    shared = flow.mean(0).square().sum(1).mean(dim=(1, 2)) / energy.clamp_min(1e-12)
+    return {"shift": flow.norm(dim=2).mean(dim=(0, 2, 3)), "distortion": (det - 1).abs().mean(dim=(0, 2, 3)),
+            "shared": shared}
 
 
 def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: int = 16, seed: int = 0,
@@ -1115,7 +1120,7 @@ def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: 
     ``motion_ratio``, ``diversity``, ``diversity_ratio``, ``first_frame_jump``, ``ink_drift``, the
     real clips' ``real_*`` of each score without a ratio or distance (see
     :func:`digit_summary`), ``recurrent_z_share``, :func:`recurrent_z_share` at the last frame
-    (up to 256 of the latents), and for a motion-warp generator ``warp_shift`` and ``warp_distortion``,
+    (up to 256 of the latents), and for a motion-warp generator ``warp_shift``, ``warp_distortion`` and ``warp_shared``,
     :func:`warp_statistics` averaged over frames (the same latents).  Samples ``(n_samples, C, n_frames, H, W)``
     come from a private RNG seeded with ``seed`` (the training RNGs are untouched; every call sees the same latents) in
     :func:`sampling_mode` ``bn_mode``; ``gen``'s modes and BatchNorm statistics are restored.
@@ -1135,7 +1140,8 @@ def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: 
         inside = {"recurrent_z_share": share}
         if gen.cfg.motion_warp:
             warp = warp_statistics(gen, z, n_frames, sample_classes(gen, len(z), rng))
-            inside.update(warp_shift=warp["shift"].mean().item(), warp_distortion=warp["distortion"].mean().item())
+            inside.update(warp_shift=warp["shift"].mean().item(), warp_distortion=warp["distortion"].mean().item(),
+                          warp_shared=warp["shared"].mean().item())
     return {**compare_digit_summaries(summary, real_summary), **inside}
 
 
@@ -1267,7 +1273,8 @@ def format_digits(result: Dict[str, object]) -> str:
     if result.get("skipped"):
         source += f", {result['skipped']} unreadable skipped"
     lines = [f"{'score':<22}{'clips':>10}{'real':>10}"]
-    for name in columns + tuple(k for k in ("recurrent_z_share", "warp_shift", "warp_distortion") if k in result):
+    inside = ("recurrent_z_share", "warp_shift", "warp_distortion", "warp_shared")
+    for name in columns + tuple(k for k in inside if k in result):
         real = result.get(f"real_{name}")
         lines.append(f"{name:<22}{result[name]:>10.4f}" + (f"{real:>10.4f}" if real is not None else ""))
     return "\n".join([head, source, *lines])

@@ -271,11 +271,13 @@ def test_warp_statistics_tell_a_carried_glyph_from_a_stretched_one(classifier_pa
     z = gen.sample_z(4, generator=torch.Generator().manual_seed(0))
     still = evaluate.warp_statistics(gen, z, n_frames=3)  # the flow head starts at zero
     assert still["shift"] == pytest.approx(torch.zeros(3)) and still["distortion"] == pytest.approx(torch.zeros(3))
+    assert still["shared"] == pytest.approx(torch.zeros(3))
     with torch.no_grad():
         gen.flow_head.bias.copy_(torch.tensor([0.25, 0.0]))  # every pixel reads a quarter width (8 px) to its right
     carried = evaluate.warp_statistics(gen, z, n_frames=3)
     assert carried["shift"] == pytest.approx(torch.full((3,), 8.0)) and carried["distortion"] == pytest.approx(
         torch.zeros(3), abs=1e-5)
+    assert carried["shared"] == pytest.approx(torch.ones(3))  # a bias alone: every clip gets the same flow
     # A flow growing by 1/64 units (half a pixel) per pixel along x stretches areas 1.5 times.
     ramp = torch.zeros(2, 1, 2, 64, 64)
     ramp[:, :, 0] = torch.arange(64.0) / 64
@@ -283,10 +285,15 @@ def test_warp_statistics_tell_a_carried_glyph_from_a_stretched_one(classifier_pa
     gen.content_and_flow = lambda z, n_frames, labels=None: (original(z, n_frames)[0], ramp)
     stretched = evaluate.warp_statistics(gen, z[:2], n_frames=1)
     assert stretched["distortion"].item() == pytest.approx(0.5) and stretched["shift"].item() == pytest.approx(15.75)
+    opposite = torch.zeros(2, 1, 2, 8, 8)
+    opposite[0, :, 0], opposite[1, :, 0] = 0.25, -0.25  # two clips moved apart: no flow in common
+    gen.content_and_flow = lambda z, n_frames, labels=None: (original(z, n_frames)[0], opposite)
+    assert evaluate.warp_statistics(gen, z[:2], n_frames=1)["shared"].item() == pytest.approx(0.0)
     del gen.content_and_flow
     scores = digit_metrics_for_generator(gen, n_samples=3, n_frames=4, batch_size=2, n_real=6,
                                          classifier_path=classifier_path, settings=TINY)
     assert scores["warp_shift"] == pytest.approx(8.0) and scores["warp_distortion"] == pytest.approx(0, abs=1e-5)
+    assert scores["warp_shared"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="motion-warp"):
         evaluate.warp_statistics(Generator(model_config("movingmnist")), z)
 

@@ -1140,8 +1140,7 @@ def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: 
         inside = {"recurrent_z_share": share}
         if gen.cfg.motion_warp:
             warp = warp_statistics(gen, z, n_frames, sample_classes(gen, len(z), rng))
-            inside.update(warp_shift=warp["shift"].mean().item(), warp_distortion=warp["distortion"].mean().item(),
-                          warp_shared=warp["shared"].mean().item())
+            inside.update({f"warp_{name}": per_frame.mean().item() for name, per_frame in warp.items()})
     return {**compare_digit_summaries(summary, real_summary), **inside}
 
 

@@ -1272,8 +1272,8 @@ def format_digits(result: Dict[str, object]) -> str:
     if result.get("skipped"):
         source += f", {result['skipped']} unreadable skipped"
     lines = [f"{'score':<22}{'clips':>10}{'real':>10}"]
-    inside = ("recurrent_z_share", "warp_shift", "warp_distortion", "warp_shared")
-    for name in columns + tuple(k for k in inside if k in result):
+    inside = tuple(k for k in result if k == "recurrent_z_share" or k.startswith("warp_"))
+    for name in columns + inside:
         real = result.get(f"real_{name}")
         lines.append(f"{name:<22}{result[name]:>10.4f}" + (f"{real:>10.4f}" if real is not None else ""))
     return "\n".join([head, source, *lines])

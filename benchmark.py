@@ -468,7 +468,8 @@ def add_speed_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", default="none", choices=["auto", "none", "bf16"],
                    help="bf16 autocast (auto: on a GPU that supports it, else fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile G and D's fake pass")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile G and D's fake pass (with --channels-last the trainer refuses it on CUDA)")
     p.add_argument("--channels-last", action="store_true", help="channels-last layouts")
     p.add_argument("--subsample-frames", type=int_list, help="frame strides (1,1,1 = naive); default: the preset's")
     p.add_argument("--subsample-batch", type=int_list, help="batch strides; default: the preset's")

@@ -213,7 +213,8 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
     p.add_argument("--workers", type=non_negative_int,
                    help="DataLoader worker processes (0 = load in the main process)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile G and the fake-data pass of D (R1's double backward stays eager)")
+                   help="torch.compile G and the fake-data pass of D (R1's double backward stays eager); "
+                        "on CUDA it needs --no-channels-last")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="channels-last memory layout for the 2-D generator and the 3-D discriminators")
     if video_metrics:
@@ -292,6 +293,10 @@ class Trainer:
     """
 
     def __init__(self, cfg: ModelConfig, config: TrainConfig, device: torch.device):
+        if config.compile and config.channels_last and device.type == "cuda":
+            # torch.compile's convolution backward expects NCHW weight gradients where cuDNN returns channels-last.
+            raise ValueError("--compile with --channels-last stops on CUDA with a stride mismatch inside torch's "
+                             "compiled convolution backward; add --no-channels-last")
         self.cfg, self.config, self.device = cfg, config, device
         gen, dis = build_models(cfg)
         if config.sync_bn:

@@ -181,3 +181,12 @@ def test_channels_last_computes_the_same_step():
 
     for a, b in zip(gradients(False), gradients(True)):
         assert (a - b).norm() <= 1e-3 * a.norm() + 1e-7
+
+
+def test_compile_with_channels_last_on_cuda_is_a_clear_error():
+    """Refused before any network is built, so it is checked here without a GPU."""
+    from models import model_config
+
+    config = trainer.TrainConfig(iterations=1, sync_bn=False, compile=True, channels_last=True)
+    with pytest.raises(ValueError, match="--no-channels-last"):
+        trainer.Trainer(model_config("movingmnist", n_frames=8), config, torch.device("cuda"))

@@ -580,8 +580,8 @@ DIGIT_SIZE = 64
 FIRST_DIGIT_THRESHOLD = 0.5  # presence probability the top digit needs for a frame to show any digit
 SECOND_DIGIT_THRESHOLD = 0.3  # presence probability above which the runner-up digit joins a frame's set
 CONTROL_BLUR_SIGMA = 1.5  # pixels, the "blurred" control
-DIGIT_SCORES = ("digit_score", "identity_consistency", "adjacent_agreement", "motion", "diversity", "first_frame_jump",
-                "ink_drift")
+DIGIT_SCORES = ("digit_score", "effective_digits", "identity_consistency", "adjacent_agreement", "motion",
+                "diversity", "first_frame_jump", "ink_drift")
 
 
 @dataclass(frozen=True)
@@ -885,6 +885,10 @@ def digit_summary(outputs: Dict[str, np.ndarray]) -> Dict[str, object]:
     - ``digit_score``: ``exp(E_x KL(p(y|x) || p(y)))`` over all frames, ``p(y|x)`` the frame's
       presence probabilities normalised to sum to 1 and ``p(y)`` their mean (at most about 5: two
       sure digits give ``p(y|x)`` of entropy ln 2 and ``p(y)`` is uniform over 10; real clips 4.3).
+    - ``effective_digits``: :func:`effective_digits` of the frames' digit sets: how many different
+      digits the frames that show one show (10 when every digit appears equally often, 1 when all
+      show the same digit, 0 when none shows a digit).  Low for a generator collapsed onto one
+      legible digit, however sure the classifier is of it.
     - ``identity_consistency``: per clip, the fraction of frames whose digit set
       (:func:`frame_digit_sets`) is the clip's most frequent non-empty one; mean over clips (1 when
       digits keep their identity, 0 when no frame shows a digit).
@@ -917,6 +921,7 @@ def digit_summary(outputs: Dict[str, np.ndarray]) -> Dict[str, object]:
     steps = np.linalg.norm(np.diff(features, axis=1), axis=-1)  # (N, T - 1) feature change between frames
     ink = outputs["ink"].mean(axis=0)  # (T,)
     return {"digit_score": float(split_inception_scores(probs)[0]),
+            "effective_digits": effective_digits(sets),
             "identity_consistency": float(dominant.mean()),
             "adjacent_agreement": float(((sets[:, 1:] == sets[:, :-1]) & (sets[:, 1:] != 0)).mean()),
             "motion": float(outputs["motion"].mean()),
@@ -924,6 +929,21 @@ def digit_summary(outputs: Dict[str, np.ndarray]) -> Dict[str, object]:
             "first_frame_jump": float(steps[:, 0].mean() / max(steps[:, 1:].mean(), 1e-12)),
             "ink_drift": float(ink.max() / max(ink.min(), 1e-12)),
             "stats": feature_statistics(features.reshape(n * t, -1))}
+
+
+def effective_digits(sets: np.ndarray) -> float:
+    """The perplexity of the digits shown by frames with digit sets ``sets`` (int64 masks, any shape).
+
+    Each non-empty set splits one unit of weight evenly between its digits; the result is
+    ``exp(entropy)`` of the normalised totals over the ten digits, in ``[1, 10]``, or 0 when every
+    set is empty.
+    """
+    bits = (sets.reshape(-1, 1) >> np.arange(10)) & 1  # (frames, 10)
+    shown = (bits / np.maximum(bits.sum(axis=1, keepdims=True), 1)).sum(axis=0)
+    if shown.sum() == 0:
+        return 0.0
+    share = shown[shown > 0] / shown.sum()
+    return float(np.exp(-(share * np.log(share)).sum()))
 
 
 def summarize_digit_clips(classifier: DigitClassifier, batches: Iterable[Batch], total: Optional[int] = None,
@@ -939,8 +959,8 @@ def summarize_digit_clips(classifier: DigitClassifier, batches: Iterable[Batch],
 def compare_digit_summaries(fake: Dict[str, object], real: Dict[str, object]) -> Dict[str, float]:
     """The flat dict of scores of ``fake`` against ``real`` (both from :func:`digit_summary`).
 
-    ``digit_score``, ``identity_consistency``, ``adjacent_agreement``, ``motion``, ``diversity``,
-    ``first_frame_jump`` and ``ink_drift`` of the fake clips,
+    ``digit_score``, ``effective_digits``, ``identity_consistency``, ``adjacent_agreement``, ``motion``,
+    ``diversity``, ``first_frame_jump`` and ``ink_drift`` of the fake clips,
     ``frechet_distance`` between their frame features, ``motion_ratio`` and ``diversity_ratio``
     (fake / real), and the real clips' own values as ``real_*``.
     """
@@ -1034,10 +1054,13 @@ def control_clips(videos: torch.Tensor, kind: str, rng: torch.Generator) -> torc
     """A degraded copy of real clips ``(N, C, T, H, W)`` in ``[-1, 1]`` for the control table.
 
     ``kind``: ``held-out real`` (unchanged), ``blurred`` (:data:`CONTROL_BLUR_SIGMA`), ``frozen``
-    (frame 0 repeated), ``shuffled`` (each clip's frames in a random order) or ``noise`` (uniform).
+    (frame 0 repeated), ``shuffled`` (each clip's frames in a random order), ``noise`` (uniform) or
+    ``one clip`` (every clip replaced by ``videos[0]``: a generator collapsed onto one sample).
     """
     if kind == "held-out real":
         return videos
+    if kind == "one clip":
+        return videos[:1].expand_as(videos)
     if kind == "blurred":
         return gaussian_blur(videos, CONTROL_BLUR_SIGMA)
     if kind == "frozen":
@@ -1050,20 +1073,22 @@ def control_clips(videos: torch.Tensor, kind: str, rng: torch.Generator) -> torc
     raise ValueError(f"unknown control {kind!r}")
 
 
-CONTROLS = ("held-out real", "blurred", "frozen", "shuffled", "noise")
+CONTROLS = ("held-out real", "blurred", "frozen", "shuffled", "noise", "one clip")
 
 
 def digit_controls(classifier: DigitClassifier, real_summary: Dict[str, object], n_clips: int = 512,
                    n_frames: int = 16, batch_size: int = 32, progress: bool = False) -> Dict[str, Dict[str, float]]:
     """Scores (:func:`compare_digit_summaries`, without ``real_*``) of each of :data:`CONTROLS` against ``real_summary``.
 
-    The controls are made from ``n_clips`` held-out procedural clips (:data:`HELD_OUT_DIGITS_SEED`).
+    The controls are made from ``n_clips`` held-out procedural clips (:data:`HELD_OUT_DIGITS_SEED`);
+    ``one clip`` repeats the first of them ``n_clips`` times.
     """
     held_out = procedural_clips(n_clips, n_frames, HELD_OUT_DIGITS_SEED)[0]
     rows = {}
     for kind in CONTROLS:
         rng = torch.Generator().manual_seed(0)
-        batches = (control_clips(batch, kind, rng) for batch in clip_array_batches(held_out, batch_size))
+        source = np.repeat(held_out[:1], n_clips, axis=0) if kind == "one clip" else held_out
+        batches = (control_clips(batch, kind, rng) for batch in clip_array_batches(source, batch_size))
         scores = compare_digit_summaries(summarize_digit_clips(classifier, batches, n_clips, kind, progress),
                                          real_summary)
         rows[kind] = {k: v for k, v in scores.items() if not k.startswith("real_")}
@@ -1116,8 +1141,9 @@ def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: 
                                 progress: bool = False) -> Dict[str, float]:
     """Moving-digit scores of ``n_samples`` dense samples of ``gen`` against real clips: a flat dict of floats.
 
-    Keys: ``digit_score``, ``identity_consistency``, ``adjacent_agreement``, ``frechet_distance``, ``motion``,
-    ``motion_ratio``, ``diversity``, ``diversity_ratio``, ``first_frame_jump``, ``ink_drift``, the
+    Keys: ``digit_score``, ``effective_digits``, ``identity_consistency``, ``adjacent_agreement``,
+    ``frechet_distance``, ``motion``, ``motion_ratio``, ``diversity``, ``diversity_ratio``,
+    ``first_frame_jump``, ``ink_drift``, the
     real clips' ``real_*`` of each score without a ratio or distance (see
     :func:`digit_summary`), ``recurrent_z_share``, :func:`recurrent_z_share` at the last frame
     (up to 256 of the latents), and for a motion-warp generator ``warp_shift``, ``warp_distortion`` and ``warp_shared``,
@@ -1161,8 +1187,8 @@ def _json_object(text: str) -> dict:
 
 def add_digits_parser(sub) -> argparse.ArgumentParser:
     """The ``digits`` subcommand: the moving-digit scores (no downloads, no external weights)."""
-    help_text = ("moving digits: digit score, identity consistency, Fréchet distance of digit-classifier features, "
-                 "motion and diversity, each next to real clips")
+    help_text = ("moving digits: digit score, effective digits, identity consistency, "
+                 "Fréchet distance of digit-classifier features, motion and diversity, each next to real clips")
     cmd = sub.add_parser("digits", help=help_text, description=help_text + ". The classifier is trained once "
                          "(about 1-2 minutes on 2 CPU cores) and cached at --classifier.")
     source = cmd.add_argument_group("videos to score (one of; none with --controls)")
@@ -1174,8 +1200,9 @@ def add_digits_parser(sub) -> argparse.ArgumentParser:
     pick.add_argument("--npy", metavar="FILE",
                       help="one .npy array of clips, (N, T, H, W) or (N, C, T, H, W), uint8 or float in [-1, 1]")
     source.add_argument("--controls", action="store_true",
-                        help="instead, print the control table: held-out real, blurred, frozen, shuffled and noise "
-                             "clips (made from --n-real held-out procedural clips), each scored against the real clips")
+                        help="instead, print the control table: held-out real, blurred, frozen, shuffled, noise and "
+                             "one-clip-repeated clips (made from --n-real held-out procedural clips), each scored "
+                             "against the real clips")
     opts = cmd.add_argument_group("scoring options")
     opts.add_argument("--n-samples", type=positive_int, default=None,
                       help="clips to score: default 512 from a checkpoint; from --videos/--npy the first N (default all)")
@@ -1259,8 +1286,8 @@ def format_digits(result: Dict[str, object]) -> str:
     """The ``digits`` result as a small table (or the control table in Markdown)."""
     head = (f"digit classifier: exact-set accuracy {result['classifier_accuracy']:.4f}; real clips: "
             f"{result['n_real']} {result['real']}, {result['frames']} frames")
-    columns = ("digit_score", "identity_consistency", "adjacent_agreement", "frechet_distance", "motion",
-               "motion_ratio", "diversity", "diversity_ratio", "ink_drift")
+    columns = ("digit_score", "effective_digits", "identity_consistency", "adjacent_agreement",
+               "frechet_distance", "motion", "motion_ratio", "diversity", "diversity_ratio", "ink_drift")
     if "controls" in result:
         lines = ["| clips | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
         for name, row in result["controls"].items():

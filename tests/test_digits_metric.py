@@ -20,10 +20,10 @@ from utils import save_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 # a few seconds of training: enough for the controls' ordering, not for a useful classifier
 TINY = DigitClassifierSettings(n_clips=240, frames_per_clip=4, epochs=3, n_test_clips=8)
-SCORES = {"digit_score", "identity_consistency", "adjacent_agreement", "frechet_distance", "motion", "motion_ratio",
-          "diversity", "diversity_ratio", "first_frame_jump", "ink_drift", "real_digit_score",
-          "real_identity_consistency", "real_adjacent_agreement", "real_motion", "real_diversity",
-          "real_first_frame_jump", "real_ink_drift"}
+SCORES = {"digit_score", "effective_digits", "identity_consistency", "adjacent_agreement", "frechet_distance",
+          "motion", "motion_ratio", "diversity", "diversity_ratio", "first_frame_jump", "ink_drift",
+          "real_digit_score", "real_effective_digits", "real_identity_consistency", "real_adjacent_agreement",
+          "real_motion", "real_diversity", "real_first_frame_jump", "real_ink_drift"}
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,25 @@ def test_identity_consistency_counts_frames_in_the_most_frequent_set():
     assert summary["identity_consistency"] == pytest.approx((1 + 0.75 + 0) / 3)
     assert summary["adjacent_agreement"] == pytest.approx((3 + 1 + 0) / 9)  # agreeing pairs: 3, then 1 (3-3), then 0
     assert summary["motion"] == 1.0 and summary["stats"][0].shape == (8,)
+
+
+def test_effective_digits_count_the_digits_the_frames_show():
+    sure = np.eye(10) * 0.98 + 0.01
+    unsure = np.full(10, 0.2)  # no digit is sure: the frame shows none and is left out
+    outputs = {"features": np.random.default_rng(0).normal(size=(2, 10, 4)), "motion": np.ones(2),
+               "ink": np.full((2, 10), 0.1)}
+    every_digit = evaluate.digit_summary({**outputs, "presence": np.stack([sure, sure[::-1]])})
+    assert every_digit["effective_digits"] == pytest.approx(10.0)
+    collapsed = evaluate.digit_summary({**outputs, "presence": np.stack([sure[[8] * 10]] * 2)})
+    assert collapsed["effective_digits"] == pytest.approx(1.0)
+    mostly_blank = np.stack([[unsure] * 8 + [sure[3], sure[5]], [unsure] * 10])
+    assert evaluate.digit_summary({**outputs, "presence": mostly_blank})["effective_digits"] == pytest.approx(2.0)
+    # a two-digit frame splits its unit: 3 and 8 shown equally often, perplexity 2; no digit shown at all: 0
+    pair = np.array([(1 << 3) | (1 << 8), 1 << 3, 1 << 8])
+    assert evaluate.effective_digits(pair) == pytest.approx(2.0)
+    assert evaluate.effective_digits(np.array([1 << 3, 1 << 3, 1 << 3, 1 << 8])) == pytest.approx(
+        np.exp(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25))))
+    assert evaluate.effective_digits(np.zeros((2, 5), np.int64)) == 0.0
 
 
 def test_adjacent_agreement_tells_flicker_from_drift():
@@ -204,6 +223,9 @@ def test_controls_score_worse_than_held_out_real(classifier):
     assert rows["blurred"]["frechet_distance"] > 3 * held_out["frechet_distance"]
     assert rows["noise"]["frechet_distance"] > 10 * held_out["frechet_distance"]
     assert rows["noise"]["motion_ratio"] > 2.0 and rows["noise"]["diversity_ratio"] < 0.7
+    # one clip repeated (the tiny classifier is too weak to read its digits; the README's table has a real one)
+    assert rows["one clip"]["effective_digits"] <= 2.0 + 1e-6
+    assert rows["one clip"]["diversity"] == pytest.approx(0.0, abs=1e-6) and rows["one clip"]["motion_ratio"] > 0.5
     # the "no digit" training frames: the classifier is far less sure of any digit in noise than in real frames
     real_clips = torch.from_numpy(procedural_clips(8, 8, seed=7)[0]).float() / 127.5 - 1
     noise_clips = evaluate.control_clips(real_clips, "noise", torch.Generator().manual_seed(0))
@@ -350,9 +372,9 @@ def test_cli_scores_a_checkpoint_as_json_and_as_text(tmp_path, generator, tiny_c
 def test_cli_controls_print_a_markdown_table(tiny_cli, capsys):
     assert evaluate.main(["digits", "--controls", *tiny_cli]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].startswith("| clips | digit_score | identity_consistency | adjacent_agreement | frechet_distance |")
+    assert lines[1].startswith("| clips | digit_score | effective_digits | identity_consistency | adjacent_agreement |")
     assert [line.split(" | ")[0] for line in lines[3:]] == [
-        "| real (reference)", "| held-out real", "| blurred", "| frozen", "| shuffled", "| noise"]
+        "| real (reference)", "| held-out real", "| blurred", "| frozen", "| shuffled", "| noise", "| one clip"]
 
 
 def test_cli_bad_input_is_one_line(tmp_path):

@@ -1054,13 +1054,10 @@ def control_clips(videos: torch.Tensor, kind: str, rng: torch.Generator) -> torc
     """A degraded copy of real clips ``(N, C, T, H, W)`` in ``[-1, 1]`` for the control table.
 
     ``kind``: ``held-out real`` (unchanged), ``blurred`` (:data:`CONTROL_BLUR_SIGMA`), ``frozen``
-    (frame 0 repeated), ``shuffled`` (each clip's frames in a random order), ``noise`` (uniform) or
-    ``one clip`` (every clip replaced by ``videos[0]``: a generator collapsed onto one sample).
+    (frame 0 repeated), ``shuffled`` (each clip's frames in a random order) or ``noise`` (uniform).
     """
     if kind == "held-out real":
         return videos
-    if kind == "one clip":
-        return videos[:1].expand_as(videos)
     if kind == "blurred":
         return gaussian_blur(videos, CONTROL_BLUR_SIGMA)
     if kind == "frozen":
@@ -1087,8 +1084,10 @@ def digit_controls(classifier: DigitClassifier, real_summary: Dict[str, object],
     rows = {}
     for kind in CONTROLS:
         rng = torch.Generator().manual_seed(0)
-        source = np.repeat(held_out[:1], n_clips, axis=0) if kind == "one clip" else held_out
-        batches = (control_clips(batch, kind, rng) for batch in clip_array_batches(source, batch_size))
+        if kind == "one clip":  # not a change to each clip: the first clip stands in for all of them
+            batches = clip_array_batches(np.repeat(held_out[:1], n_clips, axis=0), batch_size)
+        else:
+            batches = (control_clips(batch, kind, rng) for batch in clip_array_batches(held_out, batch_size))
         scores = compare_digit_summaries(summarize_digit_clips(classifier, batches, n_clips, kind, progress),
                                          real_summary)
         rows[kind] = {k: v for k, v in scores.items() if not k.startswith("real_")}

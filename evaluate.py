@@ -1141,15 +1141,15 @@ def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: 
     """Moving-digit scores of ``n_samples`` dense samples of ``gen`` against real clips: a flat dict of floats.
 
     Keys: ``digit_score``, ``effective_digits``, ``identity_consistency``, ``adjacent_agreement``,
-    ``frechet_distance``, ``motion``, ``motion_ratio``, ``diversity``, ``diversity_ratio``,
-    ``first_frame_jump``, ``ink_drift``, the real clips' ``real_*`` of each score without a ratio or
-    distance (see :func:`digit_summary`), ``recurrent_z_share``, :func:`recurrent_z_share` at the last
-    frame (up to 256 of the latents), and for a motion-warp generator ``warp_shift``, ``warp_distortion`` and ``warp_shared``,
-    :func:`warp_statistics` averaged over frames (the same latents).  Samples ``(n_samples, C, n_frames, H, W)``
-    come from a private RNG seeded with ``seed`` (the training RNGs are untouched; every call sees the same latents) in
-    :func:`sampling_mode` ``bn_mode``; ``gen``'s modes and BatchNorm statistics are restored.
-    The classifier (:func:`load_digit_classifier`, on ``device``, default ``gen``'s) and the real
-    statistics (:func:`real_digit_summary`) are loaded or computed on the first call only.
+    ``frechet_distance``, ``motion``, ``motion_ratio``, ``diversity``, ``diversity_ratio``, ``first_frame_jump``,
+    ``ink_drift``, the real clips' ``real_*`` of each score without a ratio or distance (see :func:`digit_summary`),
+    ``recurrent_z_share``, :func:`recurrent_z_share` at the last frame (up to 256 of the latents), and for a
+    motion-warp generator ``warp_shift``, ``warp_distortion`` and ``warp_shared``, :func:`warp_statistics` averaged
+    over frames (the same latents). Samples ``(n_samples, C, n_frames, H, W)`` come from a private RNG seeded with
+    ``seed`` (the training RNGs are untouched; every call sees the same latents) in :func:`sampling_mode`
+    ``bn_mode``; ``gen``'s modes and BatchNorm statistics are restored. The classifier
+    (:func:`load_digit_classifier`, on ``device``, default ``gen``'s) and the real statistics
+    (:func:`real_digit_summary`) are loaded or computed on the first call only.
     """
     device = torch.device(device) if device is not None else next(gen.parameters()).device
     classifier = load_digit_classifier(classifier_path, settings, device, progress)

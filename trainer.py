@@ -23,11 +23,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets import ResumableBatchSampler, to_unit_range
-from models import (PRESETS, ModelConfig, build_models, convert_sync_batchnorm, count_parameters, level_labels,
-                    load_weights, model_config, real_pyramid, sampling_mode)
-from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoardLog, all_reduce_mean_,
-                   append_jsonl, average_gradients, broadcast_module, describe_os_error, discriminator_loss,
-                   generator_loss, get_rng_state, init_distributed, int_list, last_good_checkpoint, load_checkpoint,
+from models import (PRESETS, FrameDiscriminator, ModelConfig, build_models, convert_sync_batchnorm, count_parameters,
+                    level_labels, load_weights, model_config, real_pyramid, sampling_mode)
+from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoardLog, all_reduce_mean_, append_jsonl,
+                   average_gradients, broadcast_module, describe_os_error, discriminator_loss, generator_loss,
+                   get_rng_state, init_distributed, int_list, last_good_checkpoint, load_checkpoint, lower_render_loss,
                    non_negative_float, non_negative_int, nonfinite_entries, positive_float, positive_int,
                    prepare_output_folder, previous_checkpoint_path, r1_penalty, report_error, resolve_amp,
                    save_checkpoint, seed_everything, set_rng_state, temporary_checkpoint_path, tensorboard_available,
@@ -35,10 +35,13 @@ from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoa
 # Flags that define the experiment: on --resume they come from the checkpoint, not the command line.
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
                    "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
-                   "split", "sync_bn", "recipe", "content_skip", "motion_warp")
+                   "split", "sync_bn", "recipe", "content_skip", "motion_warp", "frame_warmup")
 
 # Settings added after runs were written, with the value those runs used (an older config.json or checkpoint lacks them).
-SETTINGS_ADDED_LATER = {"motion_warp": False}
+SETTINGS_ADDED_LATER = {"motion_warp": False, "frame_warmup": 0}
+
+# Frame updates per batch in the frame warm-up: one update takes a tenth of a video step, so two halve the loading.
+FRAME_UPDATES_PER_BATCH = 2
 
 # Adam's epsilon as Chainer applies it: added to sqrt(v) before bias correction (the authors' optimiser).
 CHAINER_ADAM_EPS = 8e-8
@@ -52,8 +55,9 @@ AUTHORS_R1_WEIGHT, AUTHORS_BATCH = 0.5, 32
 # The authors' optimiser and precision; `tuned` measured other values of each and kept these.
 AUTHORS_SETTINGS = dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9)
 RECIPES = {
-    "paper": dict(AUTHORS_SETTINGS, content_skip=False, motion_warp=False, gp_weight=AUTHORS_R1_WEIGHT),
-    "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True),
+    "paper": dict(AUTHORS_SETTINGS, content_skip=False, motion_warp=False, frame_warmup=0,
+                  gp_weight=AUTHORS_R1_WEIGHT),
+    "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=1250),
 }
 
 
@@ -65,10 +69,14 @@ def apply_recipe(config) -> None:
     """Fill every recipe-controlled setting left unset (``None``) from ``RECIPES[config.recipe]``.
 
     A recipe without ``gp_weight`` scales the authors' R1 weight by their batch over ``config.batch_size``.
+    A frame warm-up left unset is 0 without the motion warp (still frames exist only under it).
     """
+    frame_warmup_unset = config.frame_warmup is None
     for key, value in RECIPES[config.recipe].items():
         if getattr(config, key, None) is None:
             setattr(config, key, value)
+    if frame_warmup_unset and not config.motion_warp:
+        config.frame_warmup = 0
     if config.gp_weight is None:
         config.gp_weight = AUTHORS_R1_WEIGHT * AUTHORS_BATCH / config.batch_size
 
@@ -94,6 +102,7 @@ class TrainConfig:
     beta2: Optional[float] = None  # recipe
     content_skip: Optional[bool] = None  # recipe
     motion_warp: Optional[bool] = None  # recipe
+    frame_warmup: Optional[int] = None  # recipe
     amp: Optional[str] = None  # recipe: "auto", "none" or "bf16"
     gp_weight: Optional[float] = None  # recipe
     lr_decay_start: int = -1
@@ -182,6 +191,11 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
     p.add_argument("--motion-warp", action=argparse.BooleanOptionalAction,
                    help="render one feature map per clip and move it to every frame with flow fields read from "
                         "the ConvLSTM, instead of rendering each frame anew (recipe)")
+    p.add_argument("--frame-warmup", type=non_negative_int,
+                   help="the first N iterations train only G's still frames (each clip's map rendered without "
+                        "motion), two updates per batch against a 2-D discriminator on single real frames, and fit "
+                        "the lower render heads to them, down-sampled; the video iterations follow, up to "
+                        "--iterations; needs --motion-warp; paper: 0, tuned: 1250 (recipe)")
     p.add_argument("--gp-weight", type=non_negative_float,
                    help="weight of the zero-centred R1 penalty on real data (lambda), a sum over each process's "
                         "batch; paper: 0.5, tuned: 16 / --batch-size, the authors' 0.5 x 32 per sample (recipe)")
@@ -315,6 +329,16 @@ class Trainer:
         self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=config.lr_g, **adam)
         self.opt_d = torch.optim.Adam(self.dis.parameters(), lr=config.lr_d, **adam)
         self.dis_params = list(self.dis.parameters())
+        self.frame_dis = self.opt_frame = None
+        if config.frame_warmup:
+            if not cfg.motion_warp:
+                raise ValueError("--frame-warmup needs a motion-warp generator (--motion-warp)")
+            self.frame_dis = FrameDiscriminator(cfg.out_channels, cfg.resolutions[-1]).to(device)
+            # Not the authors' network, so torch's Adam epsilon rather than Chainer's.
+            self.opt_frame = torch.optim.Adam(self.frame_dis.parameters(), lr=config.lr_d,
+                                              betas=(config.beta1, config.beta2), fused=device.type == "cuda")
+            self.still_params = self.gen.still_frame_parameters()
+            self.lower_head_params = [p for head in self.gen.renders[:-1] for p in head.parameters()]
         self.iteration = 0
         self.amp = resolve_amp(config.amp, device)
         bf16 = self.amp == "bf16"
@@ -330,17 +354,24 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = linear_decay(base, iteration, a.lr_decay_start, a.iterations)
                 group["eps"] = eps
+        if self.opt_frame is not None:
+            for group in self.opt_frame.param_groups:
+                group["lr"] = linear_decay(a.lr_d, iteration, a.lr_decay_start, a.iterations)
 
     def step(self, x_real: torch.Tensor, labels: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
              fake_labels: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """One G update and one D update.
+        """One G update and one D update; during the frame warm-up, frame updates instead (:meth:`frame_step`).
 
         ``labels`` ``(N,)`` are the real clips' classes (conditional models only); ``z`` and
-        ``fake_labels`` default to fresh ``U(-1, 1)`` latents and uniformly drawn classes.
+        ``fake_labels`` default to fresh ``U(-1, 1)`` latents and uniformly drawn classes.  Returns
+        0-dim losses: ``loss_g``, ``loss_d`` and ``r1``, or ``loss_frame_d`` during the warm-up.
         """
         cfg = self.cfg
         if (labels is not None) != bool(cfg.n_classes):
             raise ValueError("labels are needed by a conditional model and only by one")
+        if self.iteration < self.config.frame_warmup:
+            frame_losses = [self.frame_step(x_real) for _ in range(FRAME_UPDATES_PER_BATCH)]
+            return {"loss_frame_d": torch.stack(frame_losses).mean()}
         if self.channels_last:
             x_real = x_real.contiguous(memory_format=torch.channels_last_3d)
         real = real_pyramid(x_real, cfg.subsample_frames, cfg.subsample_batch)
@@ -361,7 +392,7 @@ class Trainer:
         grad_fake = torch.autograd.grad(loss_g, fake_in, retain_graph=True)
         self.opt_g.zero_grad(set_to_none=True)
         torch.autograd.backward(fake, grad_fake)
-        average_gradients(self.gen)
+        average_gradients(self.gen.parameters())
         self.opt_g.step()
 
         # 2. discriminator on the same forward passes, plus R1 on the real pyramid.
@@ -370,19 +401,63 @@ class Trainer:
         loss_d = loss_adv + self.config.gp_weight * r1
         self.opt_d.zero_grad(set_to_none=True)
         torch.autograd.backward(loss_d, inputs=self.dis_params)
-        average_gradients(self.dis)
+        average_gradients(self.dis_params)
         self.opt_d.step()
         return {"loss_g": loss_g.detach(), "loss_d": loss_adv.detach(), "r1": r1.detach()}
 
+    def frame_step(self, x_real: torch.Tensor) -> torch.Tensor:
+        """One update of the frame discriminator, then one of G's still frames against it.
+
+        Real frames are one random frame of each clip of ``x_real`` ``(N, C, T, H, W)``; fakes are
+        ``N`` fresh still frames (:meth:`models.Generator.still_frame`); R1 weighs as in :meth:`step`.
+        In the same G update the lower render heads learn to draw the still frame, average-pooled to
+        their level (:func:`utils.lower_render_loss`).  Only the parameters that draw still frames and
+        those heads move: the flow and the video discriminators do not.  Returns the frame
+        discriminator's adversarial loss (a 0-dim tensor).
+        """
+        n, device = x_real.shape[0], x_real.device
+        pick = torch.randint(x_real.shape[2], (n,), device=device)
+        real = x_real[torch.arange(n, device=device), :, pick].contiguous().detach().requires_grad_(True)
+        z = self.gen.sample_z(n)
+        labels = self.gen.sample_labels(n)
+        with self.autocast():
+            maps = self.gen.still_maps(z, labels)
+            fake = self.gen.renders[-1](maps[-1], labels)
+            y_real = self.frame_dis(real)
+            y_fake = self.frame_dis(fake.detach())
+        loss_adv = discriminator_loss(y_real, y_fake)
+        loss_d = loss_adv + self.config.gp_weight * r1_penalty(y_real, [real])
+        self.opt_frame.zero_grad(set_to_none=True)
+        loss_d.backward()
+        average_gradients(self.frame_dis.parameters())
+        self.opt_frame.step()
+
+        with self.autocast():
+            loss_g = generator_loss(self.frame_dis(fake))
+            # The video iterations then start with every level drawing the same picture, not untrained noise.
+            lower = [head(m.detach(), labels) for head, m in zip(self.gen.renders[:-1], maps[:-1])]
+        self.opt_g.zero_grad(set_to_none=True)
+        torch.autograd.backward(loss_g, inputs=self.still_params)
+        torch.autograd.backward(lower_render_loss(lower, fake.detach()), inputs=self.lower_head_params)
+        average_gradients(self.still_params + self.lower_head_params)
+        self.opt_g.step()
+        return loss_adv.detach()
+
     def state_dict(self) -> dict:
-        return {"generator": self.gen.state_dict(), "discriminator": self.dis.state_dict(),
-                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()}
+        state = {"generator": self.gen.state_dict(), "discriminator": self.dis.state_dict(),
+                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()}
+        if self.frame_dis is not None:
+            state.update(frame_discriminator=self.frame_dis.state_dict(), opt_frame=self.opt_frame.state_dict())
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         load_weights(self.gen, state["generator"], "generator")
         load_weights(self.dis, state["discriminator"], "discriminator")
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
+        if self.frame_dis is not None:
+            load_weights(self.frame_dis, state["frame_discriminator"], "frame discriminator")
+            self.opt_frame.load_state_dict(state["opt_frame"])
 
 
 def any_rank(flag: bool, world_size: int, device) -> bool:
@@ -511,6 +586,13 @@ def check_clip_geometry(config: TrainConfig) -> None:
                              f"{value // needed} at the last level; expected at least {needed}")
 
 
+def check_frame_warmup(config: TrainConfig) -> None:
+    """Still frames exist only in a motion-warp generator: ``--frame-warmup`` > 0 needs ``--motion-warp``."""
+    if config.frame_warmup and not config.motion_warp:
+        raise InputError(f"--frame-warmup {config.frame_warmup}: still frames need the motion warp; add "
+                         "--motion-warp or pass --frame-warmup 0")
+
+
 def load_eval_models(config: TrainConfig, device):
     """The evaluation networks ``--eval-every`` needs, or ``None`` when evaluation is off."""
     if not config.eval_every or config.eval_metric != "video":
@@ -554,33 +636,39 @@ def describe_run(device: torch.device, amp: str, world_size: int, batch_size: in
     return line
 
 
-def describe_speed(it_per_s: float, remaining: int) -> str:
-    """``"speed 1.62 it/s: the remaining 2900 iterations take about 0:29:50"``."""
+def describe_speed(it_per_s: float, remaining: int, what: str = "iterations") -> str:
+    """``"speed 1.62 it/s: the remaining 2900 iterations take about 0:29:50"``; ``what`` names the iterations."""
     seconds = int(remaining / max(it_per_s, 1e-9))
-    return (f"speed {it_per_s:.2f} it/s: the remaining {remaining} iterations take about "
+    return (f"speed {it_per_s:.2f} it/s: the remaining {remaining} {what} take about "
             f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}")
 
 
-
 # TensorBoard tags of the metrics.jsonl keys; evaluation scores go under "metrics/".
-BOARD_TAGS = {"loss_g": "loss/G", "loss_d": "loss/D", "r1": "loss/R1", "lr_g": "learning_rate/G",
-              "lr_d": "learning_rate/D", "it_per_s": "speed/iterations_per_second"}
+BOARD_TAGS = {"loss_g": "loss/G", "loss_d": "loss/D", "r1": "loss/R1", "loss_frame_d": "loss/frame_D",
+              "lr_g": "learning_rate/G", "lr_d": "learning_rate/D", "it_per_s": "speed/iterations_per_second"}
+
+# Progress-bar names of the losses.
+BAR_NAMES = {"loss_g": "L_G", "loss_d": "L_D", "r1": "R1", "loss_frame_d": "L_D(frame)"}
 
 
 class LossMeter:
-    """Running means of L_G, L_D (adversarial part) and R1 since the last :meth:`read`, kept on the device.
+    """Running means of the losses :meth:`Trainer.step` returns (L_G, L_D's adversarial part and R1, or the
+    frame discriminator's L_D in the frame warm-up) since the last :meth:`read`, kept on the device.
 
-    Also measures training speed: time spent inside :meth:`paused` (samples, checkpoints) is not counted.
+    Each loss is averaged over the steps that returned it.  Also measures training speed: time spent
+    inside :meth:`paused` (samples, checkpoints) is not counted.
     """
 
-    NAMES = ("loss_g", "loss_d", "r1")
-
     def __init__(self, device: torch.device):
-        self.sums = torch.zeros(len(self.NAMES), device=device)
+        self.device = device
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.counts: Dict[str, int] = {}
         self.count, self.since = 0, time.perf_counter()
 
     def add(self, losses: Dict[str, torch.Tensor]) -> None:
-        self.sums += torch.stack([losses[name] for name in self.NAMES])
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, torch.zeros((), device=self.device)) + value
+            self.counts[name] = self.counts.get(name, 0) + 1
         self.count += 1
 
     @contextmanager
@@ -593,11 +681,14 @@ class LossMeter:
 
     def read(self) -> Dict[str, float]:
         """The means over all processes (a collective call under torchrun) and ``it_per_s``; then starts anew."""
-        all_reduce_mean_([self.sums])
-        values = dict(zip(self.NAMES, (self.sums / max(self.count, 1)).tolist()))
+        values = {}
+        if self.sums:  # every process is in the same phase, so all hold the same names
+            sums = torch.stack(list(self.sums.values()))
+            all_reduce_mean_([sums])
+            values = {name: total / self.counts[name] for name, total in zip(self.sums, sums.tolist())}
         now = time.perf_counter()
         values["it_per_s"] = self.count / max(now - self.since, 1e-9)
-        self.sums.zero_()
+        self.sums, self.counts = {}, {}
         self.count, self.since = 0, now
         return values
 
@@ -708,7 +799,7 @@ class Run:
 
     def log(self, iteration: int, values: Dict[str, float]) -> dict:
         """Record the loss means of :meth:`LossMeter.read` (metrics.jsonl, TensorBoard); stop on NaN or inf."""
-        losses = {k: v for k, v in values.items() if k in LossMeter.NAMES}
+        losses = {k: v for k, v in values.items() if k != "it_per_s"}
         if not all(math.isfinite(v) for v in losses.values()):
             raise TrainingDiverged(
                 f"non-finite loss at iteration {iteration} ({', '.join(f'{k}={v}' for k, v in losses.items())}); "
@@ -799,7 +890,7 @@ def train(config: TrainConfig, dataset, gen_samples: Callable, describe_data: st
     bar = tqdm(total=config.iterations, initial=start, dynamic_ncols=True, desc=Path(config.out).name,
                disable=rank != 0)
     last: dict = {}
-    t_start, sampled_at, eta_said = time.perf_counter(), None, False
+    t_start, sampled_at, speed_said = time.perf_counter(), None, set()
     checkpoint_path = Path(config.out) / "checkpoint.pt"
     # closing(): loader workers ignore SIGTERM, so on an error only this shuts them down; left alive they block exit.
     with closing(batches), Run(config, trainer, gen_samples, classes, describe_data, rank, world_size, start) as run, \
@@ -814,11 +905,16 @@ def train(config: TrainConfig, dataset, gen_samples: Callable, describe_data: st
             stopping = stop.agreed(world_size, device) if (log_now or world_size == 1) else False
             if log_now or stopping:
                 last = run.log(iteration, meter.read())
-                bar.set_postfix(L_G=f"{last['loss_g']:.3f}", L_D=f"{last['loss_d']:.3f}", R1=f"{last['r1']:.3f}")
-                if rank == 0 and not eta_said and iteration - start >= min(3 * config.log_every,
-                                                                           config.iterations - start):
-                    eta_said = True
-                    tqdm.write(describe_speed(last["it_per_s"], config.iterations - iteration))
+                bar.set_postfix({BAR_NAMES[k]: f"{v:.3f}" for k, v in last.items() if k in BAR_NAMES})
+                # Speed and time to finish once per phase: a frame warm-up iteration is several times faster.
+                warming = iteration <= config.frame_warmup
+                began, ends = (start, config.frame_warmup) if warming else (max(start, config.frame_warmup),
+                                                                            config.iterations)
+                if rank == 0 and warming not in speed_said and iteration - began >= min(3 * config.log_every,
+                                                                                        ends - began):
+                    speed_said.add(warming)
+                    what = "frame warm-up iterations (then slower video ones)" if warming else "iterations"
+                    tqdm.write(describe_speed(last["it_per_s"], ends - iteration, what))
             with meter.paused():  # it/s measures training, not sample and checkpoint writing
                 # A first grid within minutes, whatever --sample-every says, and one when a signal stops the run.
                 early = sampled_at is None and log_now and time.perf_counter() - t_start > FIRST_SAMPLE_AFTER_S
@@ -855,6 +951,7 @@ def main(parser: argparse.ArgumentParser, open_dataset: Callable, gen_samples: C
         prepare_output_folder(config.out)
         ckpt = resolve_resume(config)  # first: the checkpoint's settings decide how the data is opened
         check_clip_geometry(config)
+        check_frame_warmup(config)
         dataset, describe = open_dataset(config)
         training = True
         return train(config, dataset, gen_samples, describe, ckpt, quick_start)

@@ -15,7 +15,7 @@ from fractions import Fraction
 import random
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -115,6 +115,13 @@ def r1_penalty(y_real: torch.Tensor, real_levels: Sequence[torch.Tensor]) -> tor
     """
     grads = torch.autograd.grad(y_real.float().sum(), list(real_levels), create_graph=True)
     return sum(g.float().pow(2).sum() for g in grads)
+
+
+def lower_render_loss(lower: Sequence[torch.Tensor], frame: torch.Tensor) -> torch.Tensor:
+    """Summed mean squared error of each lower-level render ``(N, C, r_l, r_l)`` against ``frame``
+    ``(N, C, H, W)`` average-pooled to ``r_l`` (how the real pyramid down-samples), in fp32."""
+    frame = frame.float()
+    return sum(F.mse_loss(x.float(), F.avg_pool2d(frame, frame.shape[-1] // x.shape[-1])) for x in lower)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,14 +662,14 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
         tensor.copy_(synced)
 
 
-def average_gradients(module: torch.nn.Module) -> None:
-    """Average the ``.grad`` of every parameter across processes (the manual DDP reduction).
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Average the ``.grad`` of ``params`` across processes (the manual DDP reduction).
 
     DDP's reducer does not follow ``autograd.grad(create_graph=True)`` (the R1 double backward),
     so the loop reduces gradients itself after each backward.
     """
     grads = []
-    for p in module.parameters():
+    for p in params:
         if p.grad is None:  # every rank must send the same layout
             p.grad = torch.zeros_like(p)
         grads.append(p.grad)

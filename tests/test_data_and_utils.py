@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from datasets import MovingDigits, MovingMNIST, ResumableBatchSampler, open_moving_mnist, to_unit_range
 from models import real_pyramid
-from utils import (discriminator_loss, generator_loss, load_checkpoint, make_grid, previous_checkpoint_path,
-                   r1_penalty, save_checkpoint, save_video_grid, write_video)
+from utils import (discriminator_loss, generator_loss, load_checkpoint, lower_render_loss, make_grid,
+                   previous_checkpoint_path, r1_penalty, save_checkpoint, save_video_grid, write_video)
 
 
 @pytest.fixture
@@ -151,6 +151,18 @@ def test_r1_penalty_against_a_hand_computed_value():
     torch.testing.assert_close(r1, torch.tensor(20.0))
     r1.backward()  # the penalty is differentiable (double backward)
     torch.testing.assert_close(x1.grad, 8 * a**2 * x1.detach())
+
+
+def test_lower_render_loss_compares_each_level_with_the_pooled_frame():
+    frame = torch.zeros(2, 1, 8, 8)
+    frame[:, :, :4, :4] = 1.0  # the top-left quarter lit
+    pooled = [torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 4, 4)]
+    pooled[0][:, :, 0, 0] = 1.0
+    pooled[1][:, :, :2, :2] = 1.0
+    assert lower_render_loss(pooled, frame).item() == 0.0
+    dark = [torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 4, 4)]
+    assert lower_render_loss(dark, frame).item() == pytest.approx(1 / 4 + 4 / 16)
+    assert lower_render_loss([x.bfloat16() for x in dark], frame).dtype == torch.float32
 
 
 def test_grid_gif_and_mp4_round_trip(tmp_path):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from models import (ConvLSTM, Generator, MultiLevelDiscriminator, build_models, count_parameters,
+from models import (ConvLSTM, FrameDiscriminator, Generator, MultiLevelDiscriminator, build_models, count_parameters,
                     downsample_video, model_config, subsample, warp)
 
 
@@ -207,3 +207,39 @@ def test_motion_warp_starts_static_and_learns_a_flow():
     content, flow = gen.content_and_flow(z, 8)
     assert flow.shape == (2, 8, 2, 8, 8) and content.shape == (2, 128, 8, 8)
     assert not torch.allclose(shifted, video, atol=1e-3)
+
+
+def test_still_frame_is_every_frame_while_the_flow_is_zero_and_needs_the_warp():
+    torch.manual_seed(0)
+    gen = Generator(model_config("movingmnist", n_frames=4, content_skip=True, motion_warp=True)).eval()
+    z = gen.sample_z(3)
+    with torch.no_grad():
+        still, video = gen.still_frame(z), gen.generate(z)
+    assert still.shape == (3, 1, 64, 64)
+    for t in range(4):  # a fresh flow head is zero, so the warp leaves the content map where it is
+        torch.testing.assert_close(video[:, :, t], still, rtol=0, atol=1e-6)
+    used = {id(p) for p in gen.still_frame_parameters()}
+    assert id(gen.fc.weight) in used and id(gen.renders[-1].conv.weight) in used
+    assert not any(id(p) in used for module in (gen.flow_head, gen.clstm, gen.base) for p in module.parameters())
+    with pytest.raises(ValueError, match="motion-warp"):
+        Generator(model_config("movingmnist")).still_frame(z)
+
+
+def test_still_maps_are_what_every_level_draws_while_the_flow_is_zero():
+    torch.manual_seed(0)
+    gen = Generator(model_config("movingmnist", n_frames=4, content_skip=True, motion_warp=True)).eval()
+    z = gen.sample_z(2)
+    with torch.no_grad():
+        maps = gen.still_maps(z)
+        assert [tuple(m.shape) for m in maps] == [(2, 128, 8, 8), (2, 64, 16, 16), (2, 32, 32, 32), (2, 32, 64, 64)]
+        for level, (head, m) in enumerate(zip(gen.renders, maps), start=1):
+            video = gen.generate(z, level=level)
+            torch.testing.assert_close(video[:, :, 2], head(m), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels, size", [(1, 64), (3, 192)])
+def test_frame_discriminator_gives_one_logit_per_frame(channels, size):
+    dis = FrameDiscriminator(channels, size)
+    assert dis(torch.randn(2, channels, size, size)).shape == (2,)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        FrameDiscriminator(1, 72)

@@ -115,3 +115,54 @@ def test_eval_every_adds_digit_scores_to_metrics(tmp_path, monkeypatch):
     scored = [r for r in records if "identity_consistency" in r]
     assert calls == [(4, 16, True)] and scored == [{"iteration": 2, "identity_consistency": 0.5,
                                                    "frechet_distance": 12.0}]
+
+
+def test_frame_warmup_comes_with_the_warp_and_needs_it():
+    assert parse().frame_warmup == 1250 and parse("--recipe", "paper").frame_warmup == 0
+    assert parse("--no-motion-warp").frame_warmup == 0  # unset: no still frames without the warp
+    assert parse("--frame-warmup", "0").frame_warmup == 0 and parse("--frame-warmup", "7").frame_warmup == 7
+    assert parse("--recipe", "paper", "--motion-warp", "--frame-warmup", "3").frame_warmup == 3
+
+
+def test_frame_warmup_moves_only_what_draws_still_frames_and_the_lower_heads_then_hands_over():
+    torch.manual_seed(0)
+    config = trainer.TrainConfig(batch_size=2, sync_bn=False, channels_last=False, frame_warmup=1)
+    cfg = model_config("movingmnist", n_frames=8, content_skip=True, motion_warp=True)
+    trained = trainer.Trainer(cfg, config, torch.device("cpu"))
+    x = torch.rand(2, 1, 8, 64, 64) * 2 - 1
+    before = {name: p.detach().clone() for name, p in trained.gen.named_parameters()}
+    frame_dis = [p.detach().clone() for p in trained.frame_dis.parameters()]
+    video_dis = [p.detach().clone() for p in trained.dis.parameters()]
+    trained.set_iteration(0)
+    losses = trained.step(x)  # iteration 0 < frame_warmup: still frames only
+    assert set(losses) == {"loss_frame_d"} and torch.isfinite(losses["loss_frame_d"])
+    moved = {name for name, p in trained.gen.named_parameters() if not torch.equal(p, before[name])}
+    still = {name for name, p in trained.gen.named_parameters()
+             if any(p is q for q in trained.gen.still_frame_parameters())}
+    lower_heads = {name for name, _ in trained.gen.named_parameters() if name.startswith(("renders.0", "renders.1",
+                                                                                          "renders.2"))}
+    assert moved and moved <= still | lower_heads and not still & lower_heads
+    assert {"fc.weight", "renders.3.conv.weight", "content_blocks.0.conv1.weight", "renders.0.conv.weight",
+            "renders.2.conv.weight"} <= moved
+    assert not any(name.startswith(("flow_head", "clstm", "base")) for name in moved)
+    assert all(torch.equal(p, q) for p, q in zip(trained.dis.parameters(), video_dis))
+    assert not all(torch.equal(p, q) for p, q in zip(trained.frame_dis.parameters(), frame_dis))
+    frame_dis = [p.detach().clone() for p in trained.frame_dis.parameters()]
+    trained.set_iteration(1)
+    assert set(trained.step(x)) == {"loss_g", "loss_d", "r1"}  # the warm-up is over: one video update
+    assert not all(torch.equal(p, q) for p, q in zip(trained.dis.parameters(), video_dis))
+    assert all(torch.equal(p, q) for p, q in zip(trained.frame_dis.parameters(), frame_dis))
+    paper = trainer.Trainer(model_config("movingmnist", n_frames=8),
+                            trainer.TrainConfig(recipe="paper", batch_size=2, sync_bn=False), torch.device("cpu"))
+    assert paper.frame_dis is None and "opt_frame" not in paper.state_dict()
+
+
+def test_loss_meter_averages_each_loss_over_the_steps_that_returned_it():
+    meter = trainer.LossMeter(torch.device("cpu"))
+    meter.add({"loss_frame_d": torch.tensor(1.0)})
+    meter.add({"loss_frame_d": torch.tensor(3.0)})
+    meter.add({"loss_g": torch.tensor(0.5), "loss_d": torch.tensor(1.5), "r1": torch.tensor(0.25)})
+    values = meter.read()
+    assert values.pop("it_per_s") > 0
+    assert values == {"loss_frame_d": 2.0, "loss_g": 0.5, "loss_d": 1.5, "r1": 0.25}
+    assert set(meter.read()) == {"it_per_s"}  # read starts anew

@@ -82,8 +82,9 @@ def test_nonfinite_entries_names_nan_and_inf_anywhere_but_not_large_finite_value
 
 
 def test_diverging_run_keeps_a_finite_checkpoint_and_names_it(tmp_path, capsys):
+    # No frame warm-up: a video iteration moves G before D, so iteration 1's checkpoint is still finite.
     line = train_fails(capsys, tmp_path, "--iterations", "8", "--lr-d", "1e30", "--checkpoint-every", "1",
-                       "--log-every", "3")
+                       "--log-every", "3", "--frame-warmup", "0")
     ckpt = tmp_path / "checkpoint.pt"
     assert "non-finite values" in line and "stopped without saving" in line
     iteration = load_checkpoint(ckpt)["iteration"]
@@ -280,6 +281,7 @@ def test_bad_moving_mnist_files_are_one_line(tmp_path, capsys, array, expected):
     (["--n-frames", "3"], "--n-frames 3: --subsample-frames 2,2,2 leaves 0 at the last level; expected at least 8"),
     (["--n-frames", "1000"], "--n-frames 1000: Moving MNIST sequences have 20 frames"),
     (["--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
+    (["--no-motion-warp", "--frame-warmup", "2"], "--frame-warmup 2: still frames need the motion warp"),
 ])
 def test_bad_training_flags_are_one_line(tmp_path, capsys, flags, expected):
     assert expected in train_fails(capsys, tmp_path, "--iterations", "1", *flags)

@@ -25,18 +25,19 @@ def run(out, *extra):
 def test_tensorboard_events_hold_losses_learning_rates_speed_and_animated_samples(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run(tmp_path, "--iterations", "2", "--sample-every", "1", "--tensorboard")
+    run(tmp_path, "--iterations", "3", "--sample-every", "1", "--tensorboard", "--frame-warmup", "1")
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
-    assert {"loss/G", "loss/D", "loss/R1", "learning_rate/G", "learning_rate/D",
+    assert {"loss/G", "loss/D", "loss/R1", "loss/frame_D", "learning_rate/G", "learning_rate/D",
             "speed/iterations_per_second"} <= set(tags["scalars"])
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [e.step for e in events.Scalars("loss/G")] == [1, 2]
-    assert [e.value for e in events.Scalars("loss/G")] == pytest.approx([m["loss_g"] for m in metrics])
-    assert [e.value for e in events.Scalars("learning_rate/D")] == pytest.approx([1e-4, 1e-4])
+    assert [e.step for e in events.Scalars("loss/frame_D")] == [1]  # the frame warm-up, then video iterations
+    assert [e.step for e in events.Scalars("loss/G")] == [2, 3]
+    assert [e.value for e in events.Scalars("loss/G")] == pytest.approx([m["loss_g"] for m in metrics[1:]])
+    assert [e.value for e in events.Scalars("learning_rate/D")] == pytest.approx([1e-4] * 3)
     images = events.Images("samples")
-    assert [image.step for image in images] == [1, 2]
+    assert [image.step for image in images] == [1, 2, 3]
     gif = (tmp_path / "samples" / "iter_000002.gif").read_bytes()
     assert images[1].encoded_image_string == gif and gif.startswith(b"GIF8")
     assert (images[1].width, images[1].height) == (2 * 65 + 1, 2 * 65 + 1)
@@ -95,6 +96,17 @@ def test_runs_from_before_the_motion_warp_resume_and_rerun_without_it(tmp_path):
     assert not any(name.startswith("flow_head") for name in resumed["generator"])
     train_movingmnist.main(["--config", str(old / "config.json"), "--out", str(tmp_path / "again"), "--device", "cpu"])
     assert json.loads((tmp_path / "again" / "config.json").read_text())["model"]["motion_warp"] is False
+
+
+def test_runs_from_before_the_frame_warmup_resume_without_it(tmp_path):
+    run(tmp_path, "--iterations", "1", "--frame-warmup", "0", "--snapshot-every", "0")
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    del ckpt["config"]["frame_warmup"]  # as runs before the option wrote them
+    save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
+    run(tmp_path, "--iterations", "2", "--resume")  # the default recipe has a warm-up, this run had none
+    resumed = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert resumed["iteration"] == 2 and resumed["config"]["frame_warmup"] == 0
+    assert "frame_discriminator" not in resumed and resumed["config"]["motion_warp"] is True
 
 
 def test_resume_refuses_a_checkpoint_with_an_averaged_generator(tmp_path, capsys):

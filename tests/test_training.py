@@ -16,7 +16,8 @@ from datasets import MovingDigits
 from utils import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--data", "synthetic", "--batch-size", "2", "--workers", "0", "--sample-grid", "2", "--log-every", "1"]
+FAST = ["--data", "synthetic", "--batch-size", "2", "--workers", "0", "--sample-grid", "2", "--log-every", "1",
+        "--frame-warmup", "1"]  # one still-frame iteration, then video iterations
 
 
 def run(out, *extra):
@@ -38,21 +39,32 @@ def test_three_iterations_write_gif_checkpoint_config_and_metrics(tmp_path):
     assert config["batch_size"] == 2 and config["model"]["clstm_ch"] == 256 and config["gp_weight"] == 8.0
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [1, 2, 3]
-    assert all(np.isfinite(m["loss_d"]) for m in metrics)
+    assert "loss_d" not in metrics[0] and np.isfinite(metrics[0]["loss_frame_d"])  # the frame warm-up
+    assert all(np.isfinite(m["loss_d"]) and "loss_frame_d" not in m for m in metrics[1:])
+
+
+def test_speed_and_time_to_finish_are_told_once_per_phase(tmp_path, capsys):
+    run(tmp_path, "--iterations", "4", "--frame-warmup", "2")
+    told = [line for line in capsys.readouterr().out.splitlines() if line.startswith("speed ")]
+    assert len(told) == 2
+    assert "it/s: the remaining 0 frame warm-up iterations (then slower video ones) take about 0:00:00" in told[0]
+    assert "it/s: the remaining 0 iterations take about 0:00:00" in told[1]
 
 
 def test_resume_is_exact(tmp_path):
-    run(tmp_path / "straight", "--iterations", "4", "--seed", "5")
-    run(tmp_path / "split", "--iterations", "2", "--seed", "5")
+    # Split inside the frame warm-up (iterations 1-3), so the resumed run finishes it and then takes a video step.
+    run(tmp_path / "straight", "--iterations", "4", "--seed", "5", "--frame-warmup", "3")
+    run(tmp_path / "split", "--iterations", "2", "--seed", "5", "--frame-warmup", "3")
     run(tmp_path / "split", "--iterations", "4", "--resume")
     a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
     assert a["iteration"] == b["iteration"] == 4
-    for key in ("generator", "discriminator"):
+    for key in ("generator", "discriminator", "frame_discriminator"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
-    for name, tensor in a["opt_d"]["state"][0].items():
-        assert torch.equal(tensor, b["opt_d"]["state"][0][name])
+    for key in ("opt_d", "opt_frame"):
+        for name, tensor in a[key]["state"][0].items():
+            assert torch.equal(tensor, b[key]["state"][0][name])
 
 
 def test_missing_and_malformed_data_are_clear_errors(tmp_path, capsys):
@@ -159,12 +171,14 @@ def test_bf16_autocasts_the_networks_and_keeps_the_losses_fp32():
     from utils import generator_loss
 
     config = trainer.TrainConfig(amp="bf16", iterations=1, sync_bn=False)
-    t = trainer.Trainer(model_config("movingmnist", n_frames=8), config, torch.device("cpu"))
+    cfg = model_config("movingmnist", n_frames=8, content_skip=True, motion_warp=True)  # the default recipe's
+    t = trainer.Trainer(cfg, config, torch.device("cpu"))
     assert t.amp == "bf16"
     with t.autocast():
         renders = t.gen(t.gen.sample_z(2))
         logits = t.dis(renders, [None] * len(renders))
-    assert {x.dtype for x in renders} == {logits.dtype} == {torch.bfloat16}
+        frame_logits = t.frame_dis(t.gen.still_frame(t.gen.sample_z(2)))
+    assert {x.dtype for x in renders} == {logits.dtype, frame_logits.dtype} == {torch.bfloat16}
     assert generator_loss(logits).dtype == torch.float32
 
 

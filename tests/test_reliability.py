@@ -433,9 +433,9 @@ def test_failed_video_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 def test_second_sigterm_during_a_long_step_stops_within_seconds(tmp_path):
-    # batch 48 makes the first step last well over ten seconds on one CPU thread
+    # batch 48 makes the first video step last well over ten seconds on one CPU thread (warm-up steps are quick)
     cmd = [sys.executable, "train_movingmnist.py", *FAST, "--batch-size", "48", "--out", str(tmp_path),
-           "--iterations", "5"]
+           "--iterations", "5", "--frame-warmup", "0"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (tmp_path / "config.json").exists():  # written just before the loop

@@ -26,12 +26,12 @@ from datasets import ResumableBatchSampler, to_unit_range
 from models import (PRESETS, FrameDiscriminator, ModelConfig, build_models, convert_sync_batchnorm, count_parameters,
                     level_labels, load_weights, model_config, real_pyramid, sampling_mode)
 from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoardLog, all_reduce_mean_, append_jsonl,
-                   average_gradients, broadcast_module, describe_os_error, discriminator_loss, generator_loss,
-                   get_rng_state, init_distributed, int_list, last_good_checkpoint, load_checkpoint, lower_render_loss,
-                   non_negative_float, non_negative_int, nonfinite_entries, positive_float, positive_int,
-                   prepare_output_folder, previous_checkpoint_path, r1_penalty, report_error, resolve_amp,
-                   save_checkpoint, seed_everything, set_rng_state, temporary_checkpoint_path, tensorboard_available,
-                   unit_interval, write_json)
+                   average_gradients, broadcast_module, describe_os_error, discard_torn_checkpoint, discriminator_loss,
+                   generator_loss, get_rng_state, init_distributed, int_list, last_good_checkpoint, load_checkpoint,
+                   lower_render_loss, non_negative_float, non_negative_int, nonfinite_entries, positive_float,
+                   positive_int, prepare_output_folder, previous_checkpoint_path, r1_penalty, report_error,
+                   resolve_amp, save_checkpoint, seed_everything, set_rng_state, temporary_checkpoint_path,
+                   tensorboard_available, unit_interval, write_json)
 # Flags that define the experiment: on --resume they come from the checkpoint, not the command line.
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
                    "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
@@ -475,7 +475,8 @@ class StopRequest:
     Python runs signal handlers only between bytecodes, so a long torch op would delay them for
     minutes.  A watcher thread therefore reads every signal from the interpreter's wakeup fd as it
     arrives: a second one, ``REPEAT_AFTER_S`` or more after the first, ends the process at once
-    (exit 128 + signal number).  Saves are atomic, so that never leaves a partial checkpoint.
+    (exit 128 + signal number).  Saves are atomic, so that never leaves a partial checkpoint; a torn
+    ``*.pt.tmp`` of ``checkpoint`` (a save cut short) is removed on the way out.
     Closer repeats are the same request delivered twice (a terminal's Ctrl-C reaches torchrun and
     its workers, and torchrun forwards it again), not a second request.
     """
@@ -483,9 +484,11 @@ class StopRequest:
     REPEAT_AFTER_S = 1.0
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, on_second: str = "the last checkpoint written is intact; continue with --resume"):
+    def __init__(self, on_second: str = "the last checkpoint written is intact; continue with --resume",
+                 checkpoint: Optional[Path] = None):
         self.signal_name: Optional[str] = None
         self.on_second = on_second
+        self.checkpoint = checkpoint
 
     def __enter__(self):
         self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
@@ -525,6 +528,8 @@ class StopRequest:
                     name = signal.Signals(signum).name
                     os.write(2, f"\n{name} again: stopping at once, without a new checkpoint; {self.on_second}\n"
                              .encode())
+                    if self.checkpoint is not None:
+                        discard_torn_checkpoint(self.checkpoint)
                     os._exit(128 + signum)
 
     def agreed(self, world_size: int, device) -> bool:
@@ -894,7 +899,7 @@ def train(config: TrainConfig, dataset, gen_samples: Callable, describe_data: st
     checkpoint_path = Path(config.out) / "checkpoint.pt"
     # closing(): loader workers ignore SIGTERM, so on an error only this shuts them down; left alive they block exit.
     with closing(batches), Run(config, trainer, gen_samples, classes, describe_data, rank, world_size, start) as run, \
-            StopRequest(f"{checkpoint_path} is intact; continue with --resume") as stop:
+            StopRequest(f"{checkpoint_path} is intact; continue with --resume", checkpoint_path) as stop:
         for iteration in range(start + 1, config.iterations + 1):
             x_real, labels = next(batches)
             trainer.set_iteration(iteration - 1)

@@ -298,6 +298,21 @@ def temporary_checkpoint_path(path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
+def discard_torn_checkpoint(path) -> bool:
+    """Remove ``path``'s ``*.pt.tmp`` if it is a torn write (not a complete zip); True if one was removed.
+
+    A complete one is kept: :func:`load_checkpoint` uses it when it is newer than ``path``.
+    """
+    tmp = temporary_checkpoint_path(path)
+    if not tmp.exists() or _is_complete_zip(tmp):
+        return False
+    try:
+        tmp.unlink()
+    except OSError:  # gone already, or not ours to remove: the loader skips a torn file anyway
+        return False
+    return True
+
+
 def rejected_checkpoint_path(path) -> Path:
     """``run/checkpoint.pt`` -> ``run/checkpoint.bad.pt``: where a resume moves an unusable latest checkpoint."""
     path = Path(path)

@@ -453,6 +453,33 @@ def test_second_sigterm_during_a_long_step_stops_within_seconds(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+STOPPED_MID_SAVE = """
+import os, signal, sys, time
+from pathlib import Path
+from trainer import StopRequest
+with StopRequest("intact", Path(sys.argv[1])):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("complete", [False, True], ids=["torn", "complete"])
+def test_a_second_signal_removes_a_torn_temporary_checkpoint_and_keeps_a_complete_one(tmp_path, complete):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"iteration": 1, "w": torch.ones(2)}, path)
+    tmp = temporary_checkpoint_path(path)
+    data = path.read_bytes()
+    tmp.write_bytes(data if complete else data[: len(data) // 2])  # a save the second signal cut short, or not
+    proc = subprocess.run([sys.executable, "-c", STOPPED_MID_SAVE, str(path)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "SIGTERM again: stopping at once" in proc.stderr
+    assert tmp.exists() == complete  # a complete one is newer work that --resume installs
+    assert load_checkpoint(path)["iteration"] == 1
+
+
 def torchrun_until_two_logs(out, *extra):
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               "train_movingmnist.py", *FAST, "--out", str(out), "--iterations", "10000", *extra]

@@ -43,7 +43,6 @@ class ModelConfig:
     n_classes: int = 0  # > 0: class-conditional (categorical BN in G, projection in every D)
     content_skip: bool = False  # add the fc output to every ConvLSTM output (the authors: no)
     motion_warp: bool = False  # render one map per clip, moved by per-frame flows from the ConvLSTM (the authors: no)
-    rigid_motion: bool = False  # with motion_warp: each frame's flow is one displacement, the map moved as a whole
 
     @property
     def n_levels(self) -> int:
@@ -410,8 +409,7 @@ class Generator(nn.Module):
 
     With ``cfg.motion_warp`` the level blocks run once per clip, on a content map made from z's
     projection, and every frame is that map warped by a flow field read from the ConvLSTM's features
-    (:func:`warp`), so a glyph moves instead of being redrawn at every frame.  With ``cfg.rigid_motion``
-    too, each frame's flow is its mean over the map: the map is translated, so a glyph keeps its shape.
+    (:func:`warp`), so a glyph moves instead of being redrawn at every frame.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -487,12 +485,9 @@ class Generator(nn.Module):
 
     def content_and_flow(self, z: torch.Tensor, n_frames: int, labels: Optional[torch.Tensor] = None):
         """For ``cfg.motion_warp``: the level-1 content map ``(N, C_base, r1, r1)`` and the flow
-        fields ``(N, n_frames, 2, r1, r1)`` that move it to each frame (see :func:`warp`); with
-        ``cfg.rigid_motion`` one displacement per frame, ``(N, n_frames, 2, 1, 1)``."""
+        fields ``(N, n_frames, 2, r1, r1)`` that move it to each frame (see :func:`warp`)."""
         x0, h = self._frames(z, n_frames, labels)
         flow = self.flow_head(h).view(z.shape[0], n_frames, 2, *h.shape[-2:])
-        if self.cfg.rigid_motion:  # a free flow bends glyphs into other glyphs from frame to frame
-            flow = flow.mean(dim=(-2, -1), keepdim=True)
         content = x0
         for block in self.content_blocks:
             content = block(content, labels)

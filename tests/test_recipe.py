@@ -117,13 +117,6 @@ def test_eval_every_adds_digit_scores_to_metrics(tmp_path, monkeypatch):
                                                    "frechet_distance": 12.0}]
 
 
-def test_rigid_motion_comes_with_the_warp_in_the_tuned_recipe():
-    assert parse().rigid_motion and not parse("--no-rigid-motion").rigid_motion
-    assert not parse("--recipe", "paper").rigid_motion and not parse("--recipe", "paper", "--motion-warp").rigid_motion
-    assert not parse("--no-motion-warp").rigid_motion  # unset: nothing to move without the warp
-    assert parse("--recipe", "paper", "--motion-warp", "--rigid-motion").rigid_motion
-
-
 def test_frame_warmup_comes_with_the_warp_and_needs_it():
     assert parse().frame_warmup == 1250 and parse("--recipe", "paper").frame_warmup == 0
     assert parse("--no-motion-warp").frame_warmup == 0  # unset: no still frames without the warp

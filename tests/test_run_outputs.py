@@ -98,16 +98,14 @@ def test_runs_from_before_the_motion_warp_resume_and_rerun_without_it(tmp_path):
     assert json.loads((tmp_path / "again" / "config.json").read_text())["model"]["motion_warp"] is False
 
 
-def test_runs_from_before_the_frame_warmup_and_the_rigid_motion_resume_without_them(tmp_path):
-    run(tmp_path, "--iterations", "1", "--frame-warmup", "0", "--no-rigid-motion", "--snapshot-every", "0")
+def test_runs_from_before_the_frame_warmup_resume_without_it(tmp_path):
+    run(tmp_path, "--iterations", "1", "--frame-warmup", "0", "--snapshot-every", "0")
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
-    del ckpt["config"]["frame_warmup"], ckpt["config"]["rigid_motion"]  # as runs before the options wrote them
-    del ckpt["config"]["model"]["rigid_motion"]
+    del ckpt["config"]["frame_warmup"]  # as runs before the option wrote them
     save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
-    run(tmp_path, "--iterations", "2", "--resume")  # the default recipe has both, this run had neither
+    run(tmp_path, "--iterations", "2", "--resume")  # the default recipe has a warm-up, this run had none
     resumed = load_checkpoint(tmp_path / "checkpoint.pt")
     assert resumed["iteration"] == 2 and resumed["config"]["frame_warmup"] == 0
-    assert resumed["config"]["rigid_motion"] is False and resumed["config"]["model"]["rigid_motion"] is False
     assert "frame_discriminator" not in resumed and resumed["config"]["motion_warp"] is True
 
 

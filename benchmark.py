@@ -30,7 +30,7 @@ from torch.utils.flop_counter import flop_registry
 from datasets import ResumableBatchSampler, open_video_dataset
 from models import PRESETS, build_models, count_parameters, level_labels, model_config
 from trainer import TrainConfig, Trainer
-from utils import OneLineArgumentParser, encode_video, int_list, non_negative_int, pick_device, report_error
+from utils import OneLineArgumentParser, encode_video, int_list, pick_device, report_error
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic UCF-101-shaped trees (for the data benchmark and the tests)
@@ -363,19 +363,15 @@ def step_flops(cfg, config: TrainConfig, batch_size: int) -> int:
 
 def measure_speed(preset: str = "movingmnist", batch_size: int = 8, device: str = "auto", amp: str = "none",
                   compile: bool = False, channels_last: bool = False, steps: int = 10, warmup: int = 3,
-                  subsample_frames=None, subsample_batch=None, motion_warp: bool = False,
-                  motion_layers: int = 0) -> dict:
+                  subsample_frames=None, subsample_batch=None, motion_warp: bool = False) -> dict:
     """Time ``steps`` training iterations (``Trainer.step``) on random clips after ``warmup`` untimed ones.
 
-    Strides of 1 (``subsample_frames=[1, 1, 1]``) measure naive dense training; ``motion_warp`` times a
-    generator that moves one map per clip (docs/METHOD.md, 'Motion warp') instead of the preset's, and
-    ``motion_layers`` = 2 with it the default recipe's.
+    Strides of 1 (``subsample_frames=[1, 1, 1]``) measure naive dense training; ``motion_warp`` times the
+    generator of the default recipe (docs/METHOD.md, 'Motion warp') instead of the preset's.
     """
-    if motion_layers and not motion_warp:
-        raise ValueError(f"--motion-layers {motion_layers}: layers of the moved map need --motion-warp")
     device = pick_device(device)
     cfg = model_config(preset, subsample_frames=subsample_frames, subsample_batch=subsample_batch,
-                       motion_warp=motion_warp, motion_layers=motion_layers)
+                       motion_warp=motion_warp)
     # Video iterations only: the frame warm-up's cheap still-frame iterations are not the steady state.
     config = TrainConfig(amp=amp, iterations=steps + warmup, sync_bn=False, compile=compile,
                          channels_last=channels_last, frame_warmup=0)
@@ -399,7 +395,6 @@ def measure_speed(preset: str = "movingmnist", batch_size: int = 8, device: str 
     achieved = flops / seconds / 1e12
     return {"preset": preset, "batch_size": batch_size, "device": str(device),
             "subsample_frames": cfg.subsample_frames, "subsample_batch": cfg.subsample_batch, "motion_warp": motion_warp,
-            "motion_layers": motion_layers,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "threads": torch.get_num_threads(), "amp": amp, "compile": compile, "channels_last": channels_last,
             "s_per_iter": seconds, "it_per_s": 1 / seconds, "samples_per_s": batch_size / seconds,
@@ -480,11 +475,8 @@ def add_speed_parser(subparsers) -> None:
     p.add_argument("--subsample-frames", type=int_list, help="frame strides (1,1,1 = naive); default: the preset's")
     p.add_argument("--subsample-batch", type=int_list, help="batch strides; default: the preset's")
     p.add_argument("--motion-warp", action="store_true",
-                   help="time a generator that renders one map per clip and moves it to every frame, instead of "
-                        "the preset's per-frame renderer (with --motion-layers 2: train_movingmnist.py's default)")
-    p.add_argument("--motion-layers", type=non_negative_int, default=0,
-                   help="with --motion-warp, move that many soft-masked layers of the map, each by its own shift; "
-                        "0: one flow field")
+                   help="time the generator of train_movingmnist.py's default recipe (one map per clip, moved by "
+                        "flow fields) instead of the preset's per-frame renderer")
     p.add_argument("--steps", type=int, default=10, help="timed iterations")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation, autotuning)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -493,8 +485,7 @@ def add_speed_parser(subparsers) -> None:
 
 def run_speed(args) -> dict:
     result = measure_speed(args.preset, args.batch_size, args.device, args.amp, args.compile, args.channels_last,
-                           args.steps, args.warmup, args.subsample_frames, args.subsample_batch, args.motion_warp,
-                           args.motion_layers)
+                           args.steps, args.warmup, args.subsample_frames, args.subsample_batch, args.motion_warp)
     if args.json:
         print(json.dumps(result, indent=2))
         return result

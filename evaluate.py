@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from datasets import MovingDigits, folder_batches, to_unit_range, video_paths
-from models import flow_field, generated_batches, load_generator, sample_classes, sampling_mode
+from models import generated_batches, load_generator, sample_classes, sampling_mode
 from utils import InputError, OneLineArgumentParser, first_line, pick_device, positive_int, report_error
 
 Stats = Tuple[np.ndarray, np.ndarray]  # (mu (D,), sigma (D, D))
@@ -1114,14 +1114,13 @@ def warp_statistics(gen: nn.Module, z: torch.Tensor, n_frames: int = 16,
     pixel to where it reads, ``J`` its Jacobian by finite differences.  A glyph carried along unchanged (a
     translation) has distortion 0 at any shift; a distortion of 1 means areas double or vanish.  ``shared``
     ``(n_frames,)``: the part of the flow's energy (mean squared displacement) that its mean over the clips
-    carries, 1 when every clip gets the same flow (a fixed lens), 0 when the clips' flows cancel out.  A layered
-    motion (``cfg.motion_layers``) is measured as its mask-weighted shift field (:func:`models.flow_field`).
+    carries, 1 when every clip gets the same flow (a fixed lens), 0 when the clips' flows cancel out.
     """
     if not gen.cfg.motion_warp:
         raise ValueError("warp statistics need a motion-warp generator (cfg.motion_warp)")
     size = gen.cfg.resolutions[-1]
     with torch.no_grad():
-        flow = flow_field(gen.content_and_flow(z, n_frames, labels)[1])  # (N, T, 2, h, w), 2 units = the width
+        _, flow = gen.content_and_flow(z, n_frames, labels)  # (N, T, 2, h, w), 2 units = the frame's width
     n, t = flow.shape[:2]
     flow = F.interpolate(flow.float().reshape(n * t, 2, *flow.shape[-2:]), size=(size, size), mode="bilinear",
                          align_corners=False).view(n, t, 2, size, size) * (size / 2)

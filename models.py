@@ -11,7 +11,7 @@ Tensor layout conventions used throughout the repository:
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, asdict, field
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -43,7 +43,6 @@ class ModelConfig:
     n_classes: int = 0  # > 0: class-conditional (categorical BN in G, projection in every D)
     content_skip: bool = False  # add the fc output to every ConvLSTM output (the authors: no)
     motion_warp: bool = False  # render one map per clip, moved by per-frame flows from the ConvLSTM (the authors: no)
-    motion_layers: int = 0  # with motion_warp, > 0: that many soft-masked layers of the map, each shifted as a whole
 
     @property
     def n_levels(self) -> int:
@@ -332,53 +331,6 @@ def warp(content: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
                          padding_mode="border", align_corners=False)
 
 
-class LayeredMotion(NamedTuple):
-    """The motion of ``cfg.motion_layers`` layers of a content map: ``shifts`` ``(N, T, K, 2)``, each
-    layer's x and y displacement per frame in :func:`warp`'s units, and ``masks`` ``(N, K, h, w)``, the
-    share of the map each layer carries (they sum to 1 at every pixel)."""
-
-    shifts: torch.Tensor
-    masks: torch.Tensor
-
-
-def warp_layers(content: torch.Tensor, motion: LayeredMotion) -> torch.Tensor:
-    """Move each masked layer of ``content`` ``(N, C, H, W)`` by its own shift and sum them per frame.
-
-    The masks are bilinearly resized to ``(H, W)``; each layer ``content * mask_k`` is translated by
-    :func:`warp` (border value beyond the edge), so its shape is kept while layers move apart.  Returns
-    ``(N * T, C, H, W)``; with every shift zero, each frame is ``content``.
-    """
-    n, channels, height, width = content.shape
-    masks, (t, k) = motion.masks, motion.shifts.shape[1:3]
-    if masks.shape[-2:] != (height, width):
-        masks = F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)
-    layers = (content[:, None] * masks[:, :, None]).reshape(n * k, channels, height, width)
-    flow = motion.shifts.transpose(1, 2).reshape(n * k, t, 2, 1, 1)
-    moved = warp(layers, flow).view(n, k, t, channels, height, width).sum(1)
-    return moved.view(n * t, channels, height, width)
-
-
-def move(content: torch.Tensor, motion) -> torch.Tensor:
-    """Every frame of ``motion`` (a flow ``(N, T, 2, h, w)`` or a :class:`LayeredMotion`) from its content map:
-    ``(N * T, C, H, W)``."""
-    return warp_layers(content, motion) if isinstance(motion, LayeredMotion) else warp(content, motion)
-
-
-def subsample_motion(motion, subsample_frames: int, subsample_batch: int):
-    """:func:`subsample` a flow or a :class:`LayeredMotion` (its shifts in time, both in the batch) like the frames."""
-    if isinstance(motion, LayeredMotion):
-        return LayeredMotion(subsample(motion.shifts, subsample_frames, subsample_batch, time_dim=1),
-                             motion.masks[::subsample_batch])
-    return subsample(motion, subsample_frames, subsample_batch, time_dim=1)
-
-
-def flow_field(motion) -> torch.Tensor:
-    """A motion as one flow field ``(N, T, 2, h, w)``: a layered motion's mask-weighted shift at each pixel."""
-    if isinstance(motion, LayeredMotion):
-        return torch.einsum("ntkc,nkhw->ntchw", motion.shifts, motion.masks)
-    return motion
-
-
 def subsample(x: torch.Tensor, subsample_frames: int, subsample_batch: int, time_dim: int,
               offset: Optional[int] = None, offset_per_sample: bool = False) -> torch.Tensor:
     """Keep every ``subsample_frames``-th frame from a random offset and every ``subsample_batch``-th sample.
@@ -457,9 +409,7 @@ class Generator(nn.Module):
 
     With ``cfg.motion_warp`` the level blocks run once per clip, on a content map made from z's
     projection, and every frame is that map warped by a flow field read from the ConvLSTM's features
-    (:func:`warp`), so a glyph moves instead of being redrawn at every frame.  With ``cfg.motion_layers``
-    the map is split by soft masks into that many layers, each moved as a whole by its own shift per
-    frame (:func:`warp_layers`): glyphs keep their shapes and can move apart.
+    (:func:`warp`), so a glyph moves instead of being redrawn at every frame.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -480,11 +430,9 @@ class Generator(nn.Module):
             self.renders.append(RenderHead(out_ch, cfg.out_channels, k))
             ch = out_ch
         if cfg.motion_warp:
-            self.flow_head = nn.Conv2d(cfg.base_channels[-1], 2 * max(cfg.motion_layers, 1), 3, padding=1)
+            self.flow_head = nn.Conv2d(cfg.base_channels[-1], 2, 3, padding=1)
             nn.init.zeros_(self.flow_head.weight)  # zero flow: every frame starts as the content map
             nn.init.zeros_(self.flow_head.bias)
-            if cfg.motion_layers:  # PyTorch's random init: equal masks would get equal shifts for ever
-                self.mask_head = nn.Conv2d(cfg.base_channels[-1], cfg.motion_layers, 3, padding=1)
             self.content_blocks = nn.ModuleList()
             ch = cfg.clstm_ch
             for out_ch in cfg.base_channels:
@@ -536,17 +484,13 @@ class Generator(nn.Module):
         return x0, h
 
     def content_and_flow(self, z: torch.Tensor, n_frames: int, labels: Optional[torch.Tensor] = None):
-        """For ``cfg.motion_warp``: the level-1 content map ``(N, C_base, r1, r1)`` and the motion that
-        moves it to each frame (see :func:`move`): flow fields ``(N, n_frames, 2, r1, r1)``, or with
-        ``cfg.motion_layers`` a :class:`LayeredMotion` whose shifts are the flow head's means over the map."""
+        """For ``cfg.motion_warp``: the level-1 content map ``(N, C_base, r1, r1)`` and the flow
+        fields ``(N, n_frames, 2, r1, r1)`` that move it to each frame (see :func:`warp`)."""
         x0, h = self._frames(z, n_frames, labels)
-        flow = self.flow_head(h).view(z.shape[0], n_frames, -1, *h.shape[-2:])
+        flow = self.flow_head(h).view(z.shape[0], n_frames, 2, *h.shape[-2:])
         content = x0
         for block in self.content_blocks:
             content = block(content, labels)
-        if self.cfg.motion_layers:
-            shifts = flow.view(z.shape[0], n_frames, self.cfg.motion_layers, 2, -1).mean(-1)
-            return content, LayeredMotion(shifts, torch.softmax(self.mask_head(content), dim=1))
         return content, flow
 
     def still_frame(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -574,12 +518,11 @@ class Generator(nn.Module):
         modules = (self.fc, self.content_blocks, self.level_blocks, self.renders[-1])
         return [p for module in modules for p in module.parameters()]
 
-    def _render_warped(self, level: int, content: torch.Tensor, motion,
+    def _render_warped(self, level: int, content: torch.Tensor, flow: torch.Tensor,
                        labels: Optional[torch.Tensor]) -> torch.Tensor:
-        """Level ``level`` (0-based) of every frame of ``motion`` from its content map: ``(N, C, T, H, W)``."""
-        n_frames = (motion.shifts if isinstance(motion, LayeredMotion) else motion).shape[1]
-        per_frame = frame_labels(labels, n_frames)
-        return unfold_time(self.renders[level](move(content, motion), per_frame), content.shape[0])
+        """Level ``level`` (0-based) of every frame of ``flow`` from its content map: ``(N, C, T, H, W)``."""
+        per_frame = frame_labels(labels, flow.shape[1])
+        return unfold_time(self.renders[level](warp(content, flow), per_frame), content.shape[0])
 
     def forward(
         self,
@@ -604,7 +547,7 @@ class Generator(nn.Module):
             content, flow = self.content_and_flow(z, n_frames, labels)
             renders = [self._render_warped(0, content, flow, labels)]
             for level, block in enumerate(self.level_blocks, start=1):
-                flow = subsample_motion(flow, subsample_frames[level - 1], subsample_batch[level - 1])
+                flow = subsample(flow, subsample_frames[level - 1], subsample_batch[level - 1], time_dim=1)
                 content = block(content[:: subsample_batch[level - 1]], per_level[level])
                 renders.append(self._render_warped(level, content, flow, per_level[level]))
             return renders

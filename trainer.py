@@ -35,10 +35,10 @@ from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoa
 # Flags that define the experiment: on --resume they come from the checkpoint, not the command line.
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
                    "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
-                   "split", "sync_bn", "recipe", "content_skip", "motion_warp", "motion_layers", "frame_warmup")
+                   "split", "sync_bn", "recipe", "content_skip", "motion_warp", "frame_warmup")
 
 # Settings added after runs were written, with the value those runs used (an older config.json or checkpoint lacks them).
-SETTINGS_ADDED_LATER = {"motion_warp": False, "frame_warmup": 0, "motion_layers": 0}
+SETTINGS_ADDED_LATER = {"motion_warp": False, "frame_warmup": 0}
 
 # Frame updates per batch in the frame warm-up: one update takes a tenth of a video step, so two halve the loading.
 FRAME_UPDATES_PER_BATCH = 2
@@ -55,9 +55,9 @@ AUTHORS_R1_WEIGHT, AUTHORS_BATCH = 0.5, 32
 # The authors' optimiser and precision; `tuned` measured other values of each and kept these.
 AUTHORS_SETTINGS = dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9)
 RECIPES = {
-    "paper": dict(AUTHORS_SETTINGS, content_skip=False, motion_warp=False, motion_layers=0, frame_warmup=0,
+    "paper": dict(AUTHORS_SETTINGS, content_skip=False, motion_warp=False, frame_warmup=0,
                   gp_weight=AUTHORS_R1_WEIGHT),
-    "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, motion_layers=2, frame_warmup=1250),
+    "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=1250),
 }
 
 
@@ -69,15 +69,14 @@ def apply_recipe(config) -> None:
     """Fill every recipe-controlled setting left unset (``None``) from ``RECIPES[config.recipe]``.
 
     A recipe without ``gp_weight`` scales the authors' R1 weight by their batch over ``config.batch_size``.
-    A frame warm-up and motion layers left unset are 0 without the motion warp (both exist only under it).
+    A frame warm-up left unset is 0 without the motion warp (still frames exist only under it).
     """
-    warp_only_unset = [key for key in ("frame_warmup", "motion_layers") if getattr(config, key, None) is None]
+    frame_warmup_unset = config.frame_warmup is None
     for key, value in RECIPES[config.recipe].items():
         if getattr(config, key, None) is None:
             setattr(config, key, value)
-    if not config.motion_warp:
-        for key in warp_only_unset:
-            setattr(config, key, 0)
+    if frame_warmup_unset and not config.motion_warp:
+        config.frame_warmup = 0
     if config.gp_weight is None:
         config.gp_weight = AUTHORS_R1_WEIGHT * AUTHORS_BATCH / config.batch_size
 
@@ -103,7 +102,6 @@ class TrainConfig:
     beta2: Optional[float] = None  # recipe
     content_skip: Optional[bool] = None  # recipe
     motion_warp: Optional[bool] = None  # recipe
-    motion_layers: Optional[int] = None  # recipe
     frame_warmup: Optional[int] = None  # recipe
     amp: Optional[str] = None  # recipe: "auto", "none" or "bf16"
     gp_weight: Optional[float] = None  # recipe
@@ -193,10 +191,6 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
     p.add_argument("--motion-warp", action=argparse.BooleanOptionalAction,
                    help="render one feature map per clip and move it to every frame with flow fields read from "
                         "the ConvLSTM, instead of rendering each frame anew (recipe)")
-    p.add_argument("--motion-layers", type=non_negative_int,
-                   help="with --motion-warp, split each clip's map by learnt soft masks into K layers and move each "
-                        "as a whole by its own shift per frame (read from the flow head), so glyphs keep their "
-                        "shapes and can move apart; 0: one free flow field bends the map; paper: 0, tuned: 2 (recipe)")
     p.add_argument("--frame-warmup", type=non_negative_int,
                    help="the first N iterations train only G's still frames (each clip's map rendered without "
                         "motion), two updates per batch against a 2-D discriminator on single real frames, and fit "
@@ -597,15 +591,11 @@ def check_clip_geometry(config: TrainConfig) -> None:
                              f"{value // needed} at the last level; expected at least {needed}")
 
 
-def check_warp_options(config: TrainConfig) -> None:
-    """Still frames and motion layers exist only in a motion-warp generator: ``--frame-warmup`` > 0 and
-    ``--motion-layers`` > 0 need ``--motion-warp``."""
+def check_frame_warmup(config: TrainConfig) -> None:
+    """Still frames exist only in a motion-warp generator: ``--frame-warmup`` > 0 needs ``--motion-warp``."""
     if config.frame_warmup and not config.motion_warp:
         raise InputError(f"--frame-warmup {config.frame_warmup}: still frames need the motion warp; add "
                          "--motion-warp or pass --frame-warmup 0")
-    if config.motion_layers and not config.motion_warp:
-        raise InputError(f"--motion-layers {config.motion_layers}: layers of the moved map need the motion warp; "
-                         "add --motion-warp or pass --motion-layers 0")
 
 
 def load_eval_models(config: TrainConfig, device):
@@ -725,7 +715,7 @@ def build_trainer(config: TrainConfig, n_classes: int, device: torch.device, ran
     cfg = model_config(config.preset, resolution=config.resolution, n_frames=config.n_frames,
                        subsample_frames=config.subsample_frames, subsample_batch=config.subsample_batch,
                        n_classes=n_classes, content_skip=config.content_skip,
-                       motion_warp=config.motion_warp, motion_layers=config.motion_layers)
+                       motion_warp=config.motion_warp)
     trainer = Trainer(cfg, config, device)
     broadcast_module(trainer.gen)
     broadcast_module(trainer.dis)
@@ -966,7 +956,7 @@ def main(parser: argparse.ArgumentParser, open_dataset: Callable, gen_samples: C
         prepare_output_folder(config.out)
         ckpt = resolve_resume(config)  # first: the checkpoint's settings decide how the data is opened
         check_clip_geometry(config)
-        check_warp_options(config)
+        check_frame_warmup(config)
         dataset, describe = open_dataset(config)
         training = True
         return train(config, dataset, gen_samples, describe, ckpt, quick_start)

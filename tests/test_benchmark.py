@@ -68,10 +68,3 @@ def test_speed_cli_json(capsys):
                     "--motion-warp"])
     warped = json.loads(capsys.readouterr().out)
     assert warped["motion_warp"] and round(warped["gflop_per_iter"], 1) == 197.4  # 214.3 without the warp
-    benchmark.main(["speed", "--batch-size", "8", "--device", "cpu", "--steps", "1", "--warmup", "0", "--json",
-                    "--motion-warp", "--motion-layers", "2"])  # the default recipe's generator
-    layered = json.loads(capsys.readouterr().out)
-    assert layered["motion_layers"] == 2 and round(layered["gflop_per_iter"], 1) == 197.6  # sampling is not counted
-    with pytest.raises(SystemExit):
-        benchmark.main(["speed", "--device", "cpu", "--steps", "1", "--motion-layers", "2"])
-    assert "--motion-layers 2: layers of the moved map need --motion-warp" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import (ConvLSTM, FrameDiscriminator, Generator, MultiLevelDiscriminator, build_models, count_parameters,
-                    LayeredMotion, downsample_video, model_config, subsample, warp, warp_layers)
+                    downsample_video, model_config, subsample, warp)
 
 
 def expected_shapes(cfg, n, frame_strides, batch_strides):
@@ -181,44 +181,6 @@ def test_warp_moves_content_by_whole_pixels_and_keeps_it_with_zero_flow():
     assert frames[1, 0].nonzero().tolist() == [[3, 2]]
     assert frames[2, 0].nonzero().tolist() == [[5, 3]]
     torch.testing.assert_close(frames.sum((1, 2, 3)), torch.ones(3))
-
-
-def test_warp_layers_move_each_masked_layer_as_a_whole_and_keep_the_map_unmoved():
-    content = torch.zeros(1, 1, 8, 8)
-    content[0, 0, 2, 1] = content[0, 0, 5, 6] = 1.0  # one dot per half of the map
-    masks = torch.zeros(1, 2, 8, 8)
-    masks[0, 0, :, :4], masks[0, 1, :, 4:] = 1.0, 1.0  # layer 0: the left half, layer 1: the right half
-    shifts = torch.zeros(1, 2, 2, 2)  # two frames, two layers, (x, y)
-    shifts[0, 1, 0, 0] = -2 / 8  # frame 1: layer 0 reads one pixel to the left, so its dot moves right
-    shifts[0, 1, 1, 1] = 4 / 8  # frame 1: layer 1 reads two pixels down, so its dot moves up
-    frames = warp_layers(content, LayeredMotion(shifts, masks))
-    assert frames.shape == (2, 1, 8, 8)
-    assert torch.equal(frames[0], content[0])  # zero shifts: the layers add up to the map
-    assert frames[1, 0].nonzero().tolist() == [[2, 2], [3, 6]]  # the dots moved apart, each kept whole
-    torch.testing.assert_close(frames.sum((1, 2, 3)), torch.full((2,), 2.0))
-
-
-def test_motion_layers_start_static_and_each_layer_learns_its_own_shift():
-    torch.manual_seed(0)
-    cfg = model_config("movingmnist", n_frames=8, content_skip=True, motion_warp=True, motion_layers=2)
-    gen = Generator(cfg).eval()
-    z = gen.sample_z(2)
-    with torch.no_grad():
-        video, still = gen.generate(z), gen.still_frame(z)
-        content, motion = gen.content_and_flow(z, 8)
-    assert isinstance(motion, LayeredMotion) and motion.shifts.shape == (2, 8, 2, 2)
-    assert motion.masks.shape == (2, 2, 8, 8) and content.shape == (2, 128, 8, 8)
-    torch.testing.assert_close(motion.masks.sum(1), torch.ones(2, 8, 8))
-    assert (motion.masks[:, 0] - motion.masks[:, 1]).abs().max() > 0.05  # random masks break the layers' symmetry
-    for t in range(8):  # zero shifts at the start: every frame is the still frame
-        torch.testing.assert_close(video[:, :, t], still, rtol=0, atol=1e-5)
-    gen.train()
-    renders = gen(z, subsample_batch=[1, 2, 1])
-    assert [tuple(x.shape) for x in renders] == expected_shapes(cfg, 2, cfg.subsample_frames, [1, 2, 1])
-    sum((x * torch.linspace(-1, 1, x.shape[-1])).mean() for x in renders).backward()
-    assert [n for n, p in gen.named_parameters() if p.grad is None] == []
-    bias_grad = gen.flow_head.bias.grad.view(2, 2)  # (layer, x/y): the layers' shifts get different gradients
-    assert not torch.allclose(bias_grad[0], bias_grad[1])
 
 
 def test_motion_warp_starts_static_and_learns_a_flow():

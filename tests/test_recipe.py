@@ -124,12 +124,6 @@ def test_frame_warmup_comes_with_the_warp_and_needs_it():
     assert parse("--recipe", "paper", "--motion-warp", "--frame-warmup", "3").frame_warmup == 3
 
 
-def test_motion_layers_come_with_the_warp_and_need_it():
-    assert parse().motion_layers == 2 and parse("--recipe", "paper").motion_layers == 0
-    assert parse("--no-motion-warp").motion_layers == 0  # unset: nothing to split without the warp
-    assert parse("--motion-layers", "0").motion_layers == 0 and parse("--motion-layers", "3").motion_layers == 3
-
-
 def test_frame_warmup_moves_only_what_draws_still_frames_and_the_lower_heads_then_hands_over():
     torch.manual_seed(0)
     config = trainer.TrainConfig(batch_size=2, sync_bn=False, channels_last=False, frame_warmup=1)

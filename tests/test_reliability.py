@@ -282,7 +282,6 @@ def test_bad_moving_mnist_files_are_one_line(tmp_path, capsys, array, expected):
     (["--n-frames", "1000"], "--n-frames 1000: Moving MNIST sequences have 20 frames"),
     (["--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
     (["--no-motion-warp", "--frame-warmup", "2"], "--frame-warmup 2: still frames need the motion warp"),
-    (["--no-motion-warp", "--motion-layers", "2"], "--motion-layers 2: layers of the moved map need the motion warp"),
 ])
 def test_bad_training_flags_are_one_line(tmp_path, capsys, flags, expected):
     assert expected in train_fails(capsys, tmp_path, "--iterations", "1", *flags)

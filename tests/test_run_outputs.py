@@ -109,17 +109,6 @@ def test_runs_from_before_the_frame_warmup_resume_without_it(tmp_path):
     assert "frame_discriminator" not in resumed and resumed["config"]["motion_warp"] is True
 
 
-def test_runs_from_before_the_motion_layers_resume_with_one_flow_field(tmp_path):
-    run(tmp_path, "--iterations", "1", "--frame-warmup", "0", "--motion-layers", "0", "--snapshot-every", "0")
-    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
-    del ckpt["config"]["motion_layers"], ckpt["config"]["model"]["motion_layers"]  # as runs before the option wrote them
-    save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
-    run(tmp_path, "--iterations", "2", "--resume")  # the default recipe has layers, this run had one flow field
-    resumed = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert resumed["iteration"] == 2 and resumed["config"]["motion_layers"] == 0
-    assert not any(name.startswith("mask_head") for name in resumed["generator"])
-
-
 def test_resume_refuses_a_checkpoint_with_an_averaged_generator(tmp_path, capsys):
     run(tmp_path, "--iterations", "1")
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")

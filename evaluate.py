@@ -580,6 +580,7 @@ DIGIT_SIZE = 64
 FIRST_DIGIT_THRESHOLD = 0.5  # presence probability the top digit needs for a frame to show any digit
 SECOND_DIGIT_THRESHOLD = 0.3  # presence probability above which the runner-up digit joins a frame's set
 CONTROL_BLUR_SIGMA = 1.5  # pixels, the "blurred" control
+CARRY_REACH = 10  # pixels: a carried frame bounces within this distance of where it was drawn
 DIGIT_SCORES = ("digit_score", "effective_digits", "identity_consistency", "adjacent_agreement", "motion",
                 "diversity", "first_frame_jump", "ink_drift")
 
@@ -1050,14 +1051,39 @@ def gaussian_blur(videos: torch.Tensor, sigma: float) -> torch.Tensor:
     return frames.view(n, c, t, h, w)
 
 
-def control_clips(videos: torch.Tensor, kind: str, rng: torch.Generator) -> torch.Tensor:
+def carried_clips(frames: torch.Tensor, n_frames: int, speed: float, rng: torch.Generator,
+                  reach: int = CARRY_REACH) -> torch.Tensor:
+    """Clips ``(N, C, n_frames, H, W)`` that carry each frame of ``frames`` ``(N, C, H, W)`` (in ``[-1, 1]``)
+    unchanged along a straight path.
+
+    Each clip moves at ``speed`` pixels per frame in a direction drawn from ``rng``, by whole pixels,
+    bouncing within ``reach`` pixels of where the frame was drawn; uncovered pixels are black (-1).  Frame
+    0 is the frame itself.  Real digits carried so keep their reading; a glyph that reads differently a
+    few pixels away does not, whatever moves it.
+    """
+    n, _, height, width = frames.shape
+    angle = torch.rand(n, generator=rng) * (2 * math.pi)
+    travel = torch.stack((angle.cos(), angle.sin()), 1)[:, None] * speed * torch.arange(n_frames)[None, :, None]
+    offsets = (reach - ((travel + reach).remainder(4 * reach) - 2 * reach).abs()).round().long()  # (N, T, (x, y))
+    padded = F.pad(frames, (reach,) * 4, value=-1.0)
+    rows = reach - offsets[..., 1, None] + torch.arange(height)  # (N, T, H): the padded rows frame t shows
+    cols = reach - offsets[..., 0, None] + torch.arange(width)
+    index = torch.arange(n)[:, None, None, None]
+    clips = padded.permute(0, 2, 3, 1)[index, rows[..., :, None], cols[..., None, :]]  # (N, T, H, W, C)
+    return clips.permute(0, 4, 1, 2, 3).contiguous()
+
+
+def control_clips(videos: torch.Tensor, kind: str, rng: torch.Generator, speed: float = 0.0) -> torch.Tensor:
     """A degraded copy of real clips ``(N, C, T, H, W)`` in ``[-1, 1]`` for the control table.
 
     ``kind``: ``held-out real`` (unchanged), ``blurred`` (:data:`CONTROL_BLUR_SIGMA`), ``frozen``
-    (frame 0 repeated), ``shuffled`` (each clip's frames in a random order) or ``noise`` (uniform).
+    (frame 0 repeated), ``shuffled`` (each clip's frames in a random order), ``noise`` (uniform) or
+    ``carried`` (frame 0 moved unchanged at ``speed`` pixels per frame, :func:`carried_clips`).
     """
     if kind == "held-out real":
         return videos
+    if kind == "carried":
+        return carried_clips(videos[:, :, 0], videos.shape[2], speed, rng)
     if kind == "blurred":
         return gaussian_blur(videos, CONTROL_BLUR_SIGMA)
     if kind == "frozen":
@@ -1070,7 +1096,7 @@ def control_clips(videos: torch.Tensor, kind: str, rng: torch.Generator) -> torc
     raise ValueError(f"unknown control {kind!r}")
 
 
-CONTROLS = ("held-out real", "blurred", "frozen", "shuffled", "noise", "one clip")
+CONTROLS = ("held-out real", "blurred", "frozen", "shuffled", "noise", "one clip", "carried")
 
 
 def digit_controls(classifier: DigitClassifier, real_summary: Dict[str, object], n_clips: int = 512,
@@ -1078,7 +1104,7 @@ def digit_controls(classifier: DigitClassifier, real_summary: Dict[str, object],
     """Scores (:func:`compare_digit_summaries`, without ``real_*``) of each of :data:`CONTROLS` against ``real_summary``.
 
     The controls are made from ``n_clips`` held-out procedural clips (:data:`HELD_OUT_DIGITS_SEED`);
-    ``one clip`` repeats the first of them ``n_clips`` times.
+    ``one clip`` repeats the first of them ``n_clips`` times; ``carried`` moves at the real clips' speed.
     """
     held_out = procedural_clips(n_clips, n_frames, HELD_OUT_DIGITS_SEED)[0]
     rows = {}
@@ -1087,7 +1113,8 @@ def digit_controls(classifier: DigitClassifier, real_summary: Dict[str, object],
         if kind == "one clip":  # not a change to each clip: the first clip stands in for all of them
             batches = clip_array_batches(np.repeat(held_out[:1], n_clips, axis=0), batch_size)
         else:
-            batches = (control_clips(batch, kind, rng) for batch in clip_array_batches(held_out, batch_size))
+            batches = (control_clips(batch, kind, rng, real_summary["motion"])
+                       for batch in clip_array_batches(held_out, batch_size))
         scores = compare_digit_summaries(summarize_digit_clips(classifier, batches, n_clips, kind, progress),
                                          real_summary)
         rows[kind] = {k: v for k, v in scores.items() if not k.startswith("real_")}
@@ -1133,6 +1160,15 @@ def warp_statistics(gen: nn.Module, z: torch.Tensor, n_frames: int = 16,
             "shared": shared}
 
 
+def still_frame_batches(gen: nn.Module, n: int, batch_size: int, rng: torch.Generator) -> Iterator[torch.Tensor]:
+    """``n`` still frames of a motion-warp generator, ``(B, C, H, W)`` batches from latents (and classes) of ``rng``."""
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        z = gen.sample_z(count, generator=rng)
+        with torch.no_grad():
+            yield gen.still_frame(z, sample_classes(gen, count, rng)).float()
+
+
 def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: int = 16, seed: int = 0,
                                 device=None, batch_size: int = 32, bn_mode: str = "eval",
                                 level: Optional[int] = None, n_real: int = 512, real=None, classifier_path=None,
@@ -1145,7 +1181,10 @@ def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: 
     ``ink_drift``, the real clips' ``real_*`` of each score without a ratio or distance (see :func:`digit_summary`),
     ``recurrent_z_share``, :func:`recurrent_z_share` at the last frame (up to 256 of the latents), and for a
     motion-warp generator ``warp_shift``, ``warp_distortion`` and ``warp_shared``, :func:`warp_statistics` averaged
-    over frames (the same latents). Samples ``(n_samples, C, n_frames, H, W)`` come from a private RNG seeded with
+    over frames (the same latents), and ``carried_identity``: the identity consistency of ``n_samples`` still frames
+    (``Generator.still_frame``, fresh latents) carried unchanged at the real clips' speed (:func:`carried_clips`; real
+    digits: the ``carried`` control), about the most any motion that keeps a glyph's shape could score with these
+    glyphs. Samples ``(n_samples, C, n_frames, H, W)`` come from a private RNG seeded with
     ``seed`` (the training RNGs are untouched; every call sees the same latents) in :func:`sampling_mode`
     ``bn_mode``; ``gen``'s modes and BatchNorm statistics are restored. The classifier
     (:func:`load_digit_classifier`, on ``device``, default ``gen``'s) and the real statistics
@@ -1165,6 +1204,11 @@ def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: 
         if gen.cfg.motion_warp:
             warp = warp_statistics(gen, z, n_frames, sample_classes(gen, len(z), rng))
             inside.update({f"warp_{name}": per_frame.mean().item() for name, per_frame in warp.items()})
+            still = still_frame_batches(gen, n_samples, batch_size, rng)
+            paths = torch.Generator().manual_seed(seed)  # on the CPU, whatever the generator's device
+            carried = (carried_clips(frames.cpu(), n_frames, real_summary["motion"], paths) for frames in still)
+            inside["carried_identity"] = summarize_digit_clips(
+                classifier, carried, n_samples, "carried still frames", progress)["identity_consistency"]
     return {**compare_digit_summaries(summary, real_summary), **inside}
 
 
@@ -1297,7 +1341,7 @@ def format_digits(result: Dict[str, object]) -> str:
     if result.get("skipped"):
         source += f", {result['skipped']} unreadable skipped"
     lines = [f"{'score':<22}{'clips':>10}{'real':>10}"]
-    inside = tuple(k for k in result if k == "recurrent_z_share" or k.startswith("warp_"))
+    inside = tuple(k for k in result if k in ("recurrent_z_share", "carried_identity") or k.startswith("warp_"))
     for name in columns + inside:
         real = result.get(f"real_{name}")
         lines.append(f"{name:<22}{result[name]:>10.4f}" + (f"{real:>10.4f}" if real is not None else ""))

@@ -226,6 +226,7 @@ def test_controls_score_worse_than_held_out_real(classifier):
     # one clip repeated (the tiny classifier is too weak to read its digits; the README's table has a real one)
     assert rows["one clip"]["effective_digits"] <= 2.0 + 1e-6
     assert rows["one clip"]["diversity"] == pytest.approx(0.0, abs=1e-6) and rows["one clip"]["motion_ratio"] > 0.5
+    assert 0.5 < rows["carried"]["motion_ratio"] < 1.2  # frame 0 moved at the real speed, bouncing
     # the "no digit" training frames: the classifier is far less sure of any digit in noise than in real frames
     real_clips = torch.from_numpy(procedural_clips(8, 8, seed=7)[0]).float() / 127.5 - 1
     noise_clips = evaluate.control_clips(real_clips, "noise", torch.Generator().manual_seed(0))
@@ -287,6 +288,20 @@ def test_recurrent_z_share_is_one_when_z_sets_the_state_and_zero_when_nothing_do
     assert evaluate.recurrent_z_share(generator, z, n_frames=5) == pytest.approx(torch.zeros(5), abs=1e-6)
 
 
+def test_carried_clips_move_each_frame_unchanged_by_whole_pixels_and_bounce():
+    frames = torch.full((3, 1, 64, 64), -1.0)
+    frames[:, 0, 30, 32] = 1.0
+    clips = evaluate.carried_clips(frames, 24, 3.5, torch.Generator().manual_seed(0), reach=10)
+    assert clips.shape == (3, 1, 24, 64, 64) and torch.equal(clips[:, :, 0], frames)
+    assert set(clips.unique().tolist()) == {-1.0, 1.0}  # whole pixels: nothing resampled
+    for clip in clips[:, 0]:
+        dots = torch.stack([(frame == 1).nonzero()[0] for frame in clip])  # one dot in every frame
+        assert (clip == 1).sum() == 24
+        assert (dots - torch.tensor([30, 32])).abs().max() <= 10  # within reach of where it was drawn
+        steps = (dots[1:] - dots[:-1]).float().norm(dim=1)
+        assert steps.max() <= 3.5 + 1.5 and steps.mean() > 2.0  # about the speed, bounces included
+
+
 def test_warp_statistics_tell_a_carried_glyph_from_a_stretched_one(classifier_path):
     torch.manual_seed(0)
     gen = Generator(model_config("movingmnist", motion_warp=True, content_skip=True)).eval()
@@ -316,6 +331,7 @@ def test_warp_statistics_tell_a_carried_glyph_from_a_stretched_one(classifier_pa
                                          classifier_path=classifier_path, settings=TINY)
     assert scores["warp_shift"] == pytest.approx(8.0) and scores["warp_distortion"] == pytest.approx(0, abs=1e-5)
     assert scores["warp_shared"] == pytest.approx(1.0)
+    assert 0 <= scores["carried_identity"] <= 1
     with pytest.raises(ValueError, match="motion-warp"):
         evaluate.warp_statistics(Generator(model_config("movingmnist")), z)
 
@@ -374,7 +390,8 @@ def test_cli_controls_print_a_markdown_table(tiny_cli, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("| clips | digit_score | effective_digits | identity_consistency | adjacent_agreement |")
     assert [line.split(" | ")[0] for line in lines[3:]] == [
-        "| real (reference)", "| held-out real", "| blurred", "| frozen", "| shuffled", "| noise", "| one clip"]
+        "| real (reference)", "| held-out real", "| blurred", "| frozen", "| shuffled", "| noise", "| one clip",
+        "| carried"]
 
 
 def test_cli_bad_input_is_one_line(tmp_path):

@@ -302,6 +302,24 @@ def test_carried_clips_move_each_frame_unchanged_by_whole_pixels_and_bounce():
         assert steps.max() <= 3.5 + 1.5 and steps.mean() > 2.0  # about the speed, bounces included
 
 
+def test_carried_identity_scores_still_frames_on_the_carried_controls_paths(classifier, classifier_path, monkeypatch):
+    made = []  # every batch of carried clips, in order
+    carry = evaluate.carried_clips
+    monkeypatch.setattr(evaluate, "carried_clips", lambda *args, **kw: made.append(carry(*args, **kw)) or made[-1])
+    real = real_digit_summary(classifier, n_real=48, n_frames=8)
+    control = digit_controls(classifier, real, n_clips=48, n_frames=8)["carried"]["identity_consistency"]
+    from_control, made[:] = torch.cat(made), []
+    gen = Generator(model_config("movingmnist", n_frames=8, motion_warp=True, content_skip=True)).eval()
+    held_out = torch.from_numpy(procedural_clips(48, 8, evaluate.HELD_OUT_DIGITS_SEED)[0][:, :, 0]).float() / 127.5 - 1
+    frames = iter(held_out.split(32))  # still frames that are the control's real frames, in its batches
+    gen.still_frame = lambda z, labels=None: next(frames)
+    scores = digit_metrics_for_generator(gen, n_samples=48, n_frames=8, batch_size=32, n_real=48,
+                                         classifier_path=classifier_path, settings=TINY)
+    assert from_control.shape == (48, 1, 8, 64, 64) and torch.equal(torch.cat(made), from_control)
+    assert scores["carried_identity"] == control
+    assert (from_control[:, :, 1:] != from_control[:, :, :1]).any(dim=(1, 2, 3, 4)).all()  # every clip moves
+
+
 def test_warp_statistics_tell_a_carried_glyph_from_a_stretched_one(classifier_path):
     torch.manual_seed(0)
     gen = Generator(model_config("movingmnist", motion_warp=True, content_skip=True)).eval()

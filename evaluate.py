@@ -1160,15 +1160,6 @@ def warp_statistics(gen: nn.Module, z: torch.Tensor, n_frames: int = 16,
             "shared": shared}
 
 
-def still_frame_batches(gen: nn.Module, n: int, batch_size: int, rng: torch.Generator) -> Iterator[torch.Tensor]:
-    """``n`` still frames of a motion-warp generator, ``(B, C, H, W)`` batches from latents (and classes) of ``rng``."""
-    for start in range(0, n, batch_size):
-        count = min(batch_size, n - start)
-        z = gen.sample_z(count, generator=rng)
-        with torch.no_grad():
-            yield gen.still_frame(z, sample_classes(gen, count, rng)).float()
-
-
 def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: int = 16, seed: int = 0,
                                 device=None, batch_size: int = 32, bn_mode: str = "eval",
                                 level: Optional[int] = None, n_real: int = 512, real=None, classifier_path=None,
@@ -1204,7 +1195,8 @@ def digit_metrics_for_generator(gen: nn.Module, n_samples: int = 512, n_frames: 
         if gen.cfg.motion_warp:
             warp = warp_statistics(gen, z, n_frames, sample_classes(gen, len(z), rng))
             inside.update({f"warp_{name}": per_frame.mean().item() for name, per_frame in warp.items()})
-            still = still_frame_batches(gen, n_samples, batch_size, rng)
+            still = generated_batches(gen, n_samples, batch_size, rng=rng, still=True,
+                                      labels=sample_classes(gen, n_samples, rng))
             paths = torch.Generator().manual_seed(seed)  # on the CPU, whatever the generator's device
             carried = (carried_clips(frames.cpu(), n_frames, real_summary["motion"], paths) for frames in still)
             inside["carried_identity"] = summarize_digit_clips(

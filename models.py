@@ -646,16 +646,19 @@ def sampling_mode(gen: nn.Module, bn_mode: str = "eval"):
 @torch.no_grad()
 def generated_batches(gen: nn.Module, n_samples: int, batch_size: int = 32, n_frames: int = 16,
                       level: Optional[int] = None, rng: Optional[torch.Generator] = None,
-                      labels: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
+                      labels: Optional[torch.Tensor] = None, still: bool = False) -> Iterator[torch.Tensor]:
     """Dense samples of ``gen`` in batches ``(B, C, n_frames, H, W)`` in ``[-1, 1]``, ``n_samples`` in all.
 
     ``labels`` ``(n_samples,)`` are the classes of a conditional generator (see :func:`sample_classes`).
+    With ``still``, a motion-warp generator's still frames instead (:meth:`Generator.still_frame`),
+    ``(B, C, H, W)``; ``n_frames`` and ``level`` are unused.
     """
     device = next(gen.parameters()).device
     for start in range(0, n_samples, batch_size):
         z = gen.sample_z(min(batch_size, n_samples - start), device, generator=rng)
         y = None if labels is None else labels[start : start + len(z)].to(device)
-        yield gen.generate(z, n_frames=n_frames, level=level, labels=y).clamp_(-1, 1)
+        frames = gen.still_frame(z, y) if still else gen.generate(z, n_frames=n_frames, level=level, labels=y)
+        yield frames.clamp_(-1, 1)
 
 
 def sample_classes(gen: nn.Module, n_samples: int, rng: Optional[torch.Generator] = None,

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from datasets import MovingDigits, folder_batches, to_unit_range, video_paths
-from models import generated_batches, load_generator, sample_classes, sampling_mode
+from models import fold_time, generated_batches, load_generator, sample_classes, sampling_mode, unfold_time
 from utils import InputError, OneLineArgumentParser, first_line, pick_device, positive_int, report_error
 
 Stats = Tuple[np.ndarray, np.ndarray]  # (mu (D,), sigma (D, D))
@@ -283,12 +283,10 @@ def to_rgb(videos: torch.Tensor) -> torch.Tensor:
 
 def resize_frames(videos: torch.Tensor, size: int, align_corners: bool) -> torch.Tensor:
     """Bilinearly resize every frame of ``(N, C, T, H, W)`` to ``(N, C, T, size, size)``."""
-    n, c, t, h, w = videos.shape
-    if (h, w) == (size, size):
+    if videos.shape[-2:] == (size, size):
         return videos
-    frames = videos.transpose(1, 2).reshape(n * t, c, h, w)
-    frames = F.interpolate(frames, size=(size, size), mode="bilinear", align_corners=align_corners)
-    return frames.view(n, t, c, size, size).transpose(1, 2)
+    frames = F.interpolate(fold_time(videos), size=(size, size), mode="bilinear", align_corners=align_corners)
+    return unfold_time(frames, videos.shape[0])
 
 
 def c3d_preprocess(videos: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -872,7 +870,7 @@ def digit_frame_outputs(classifier: DigitClassifier, videos: torch.Tensor) -> Di
     """
     videos = as_digit_videos(videos)
     n, _, t = videos.shape[:3]
-    features = classifier.features(videos.transpose(1, 2).reshape(n * t, 1, DIGIT_SIZE, DIGIT_SIZE))
+    features = classifier.features(fold_time(videos))
     presence = torch.sigmoid(classifier.head(features))
     return {"presence": presence.view(n, t, -1).double().cpu().numpy(),
             "features": features.view(n, t, -1).double().cpu().numpy(),

@@ -381,6 +381,13 @@ def real_pyramid(x: torch.Tensor, subsample_frames: Sequence[int], subsample_bat
     return (levels, level_labels(labels, subsample_batch)) if labels is not None else levels
 
 
+def fold_time(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C, T, H, W)`` videos to ``(N * T, C, H, W)`` frames, each video's in order (the inverse of
+    :func:`unfold_time`)."""
+    n, c, t, h, w = x.shape
+    return x.transpose(1, 2).reshape(n * t, c, h, w)
+
+
 def unfold_time(x: torch.Tensor, n: int) -> torch.Tensor:
     """``(N * T, C, H, W)`` frames to ``(N, C, T, H, W)`` videos."""
     return x.view(n, -1, *x.shape[1:]).transpose(1, 2)

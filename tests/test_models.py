@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import (ConvLSTM, FrameDiscriminator, Generator, MultiLevelDiscriminator, build_models, count_parameters,
-                    downsample_video, model_config, subsample, warp)
+                    downsample_video, fold_time, model_config, subsample, unfold_time, warp)
 
 
 def expected_shapes(cfg, n, frame_strides, batch_strides):
@@ -235,6 +235,13 @@ def test_still_maps_are_what_every_level_draws_while_the_flow_is_zero():
         for level, (head, m) in enumerate(zip(gen.renders, maps), start=1):
             video = gen.generate(z, level=level)
             torch.testing.assert_close(video[:, :, 2], head(m), rtol=0, atol=1e-6)
+
+
+def test_fold_time_puts_each_video_s_frames_in_order_and_unfold_time_undoes_it():
+    videos = torch.randn(3, 2, 5, 4, 4)
+    frames = fold_time(videos)
+    assert frames.shape == (15, 2, 4, 4) and torch.equal(frames[7], videos[1, :, 2])
+    assert torch.equal(unfold_time(frames, 3), videos)
 
 
 @pytest.mark.parametrize("channels, size", [(1, 64), (3, 192)])

@@ -367,14 +367,16 @@ def measure_speed(preset: str = "movingmnist", batch_size: int = 8, device: str 
     """Time ``steps`` training iterations (``Trainer.step``) on random clips after ``warmup`` untimed ones.
 
     Strides of 1 (``subsample_frames=[1, 1, 1]``) measure naive dense training; ``motion_warp`` times the
-    generator of the default recipe (docs/METHOD.md, 'Motion warp') instead of the preset's.
+    generator of the default recipe (docs/METHOD.md, 'Motion warp') and its frame discriminator instead of the
+    preset's generator.
     """
     device = pick_device(device)
     cfg = model_config(preset, subsample_frames=subsample_frames, subsample_batch=subsample_batch,
                        motion_warp=motion_warp)
     # Video iterations only: the frame warm-up's cheap still-frame iterations are not the steady state.
+    # The default recipe's frame discriminator (its weight left to the recipe) comes with its generator only.
     config = TrainConfig(amp=amp, iterations=steps + warmup, sync_bn=False, compile=compile,
-                         channels_last=channels_last, frame_warmup=0)
+                         channels_last=channels_last, frame_warmup=0, frame_dis_weight=None if motion_warp else 0.0)
     flops = step_flops(cfg, config, batch_size)
     torch.manual_seed(0)
     trainer = Trainer(cfg, config, device)
@@ -476,7 +478,7 @@ def add_speed_parser(subparsers) -> None:
     p.add_argument("--subsample-batch", type=int_list, help="batch strides; default: the preset's")
     p.add_argument("--motion-warp", action="store_true",
                    help="time the generator of train_movingmnist.py's default recipe (one map per clip, moved by "
-                        "flow fields) instead of the preset's per-frame renderer")
+                        "flow fields) and its frame discriminator instead of the preset's per-frame renderer")
     p.add_argument("--steps", type=int, default=10, help="timed iterations")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation, autotuning)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

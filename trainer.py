@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from datasets import ResumableBatchSampler, to_unit_range
 from models import (PRESETS, FrameDiscriminator, ModelConfig, build_models, convert_sync_batchnorm, count_parameters,
-                    level_labels, load_weights, model_config, real_pyramid, sampling_mode)
+                    fold_time, level_labels, load_weights, model_config, real_pyramid, sampling_mode)
 from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoardLog, all_reduce_mean_, append_jsonl,
                    average_gradients, broadcast_module, describe_os_error, discard_torn_checkpoint, discriminator_loss,
                    generator_loss, get_rng_state, init_distributed, int_list, last_good_checkpoint, load_checkpoint,
@@ -35,10 +35,12 @@ from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoa
 # Flags that define the experiment: on --resume they come from the checkpoint, not the command line.
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
                    "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
-                   "split", "sync_bn", "recipe", "content_skip", "motion_warp", "frame_warmup")
+                   "split", "sync_bn", "recipe", "content_skip", "motion_warp", "frame_warmup",
+                   "frame_dis_weight")
 
 # Settings added after runs were written, with the value those runs used (an older config.json or checkpoint lacks them).
-SETTINGS_ADDED_LATER = {"motion_warp": False, "frame_warmup": 0}
+SETTINGS_ADDED_LATER = {"motion_warp": False, "frame_warmup": 0,
+                        "frame_dis_weight": 0.0}
 
 # Frame updates per batch in the frame warm-up: one update takes a tenth of a video step, so two halve the loading.
 FRAME_UPDATES_PER_BATCH = 2
@@ -55,9 +57,9 @@ AUTHORS_R1_WEIGHT, AUTHORS_BATCH = 0.5, 32
 # The authors' optimiser and precision; `tuned` measured other values of each and kept these.
 AUTHORS_SETTINGS = dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9)
 RECIPES = {
-    "paper": dict(AUTHORS_SETTINGS, content_skip=False, motion_warp=False, frame_warmup=0,
+    "paper": dict(AUTHORS_SETTINGS, content_skip=False, motion_warp=False, frame_warmup=0, frame_dis_weight=0.0,
                   gp_weight=AUTHORS_R1_WEIGHT),
-    "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=1250),
+    "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=1250, frame_dis_weight=0.25),
 }
 
 
@@ -103,6 +105,7 @@ class TrainConfig:
     content_skip: Optional[bool] = None  # recipe
     motion_warp: Optional[bool] = None  # recipe
     frame_warmup: Optional[int] = None  # recipe
+    frame_dis_weight: Optional[float] = None  # recipe
     amp: Optional[str] = None  # recipe: "auto", "none" or "bf16"
     gp_weight: Optional[float] = None  # recipe
     lr_decay_start: int = -1
@@ -196,6 +199,11 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
                         "motion), two updates per batch against a 2-D discriminator on single real frames, and fit "
                         "the lower render heads to them, down-sampled; the video iterations follow, up to "
                         "--iterations; needs --motion-warp; paper: 0, tuned: 1250 (recipe)")
+    p.add_argument("--frame-dis-weight", type=non_negative_float,
+                   help="in the video iterations a 2-D frame discriminator (the frame warm-up's) judges every frame "
+                        "of the last level against the real clips' frames, with R1, one update per iteration; G's "
+                        "loss adds this weight times its loss on those frames; 0 = off; paper: 0, tuned: 0.25 "
+                        "(recipe)")
     p.add_argument("--gp-weight", type=non_negative_float,
                    help="weight of the zero-centred R1 penalty on real data (lambda), a sum over each process's "
                         "batch; paper: 0.5, tuned: 16 / --batch-size, the authors' 0.5 x 32 per sample (recipe)")
@@ -330,13 +338,14 @@ class Trainer:
         self.opt_d = torch.optim.Adam(self.dis.parameters(), lr=config.lr_d, **adam)
         self.dis_params = list(self.dis.parameters())
         self.frame_dis = self.opt_frame = None
-        if config.frame_warmup:
-            if not cfg.motion_warp:
-                raise ValueError("--frame-warmup needs a motion-warp generator (--motion-warp)")
+        if config.frame_warmup and not cfg.motion_warp:
+            raise ValueError("--frame-warmup needs a motion-warp generator (--motion-warp)")
+        if config.frame_warmup or config.frame_dis_weight:
             self.frame_dis = FrameDiscriminator(cfg.out_channels, cfg.resolutions[-1]).to(device)
             # Not the authors' network, so torch's Adam epsilon rather than Chainer's.
             self.opt_frame = torch.optim.Adam(self.frame_dis.parameters(), lr=config.lr_d,
                                               betas=(config.beta1, config.beta2), fused=device.type == "cuda")
+        if config.frame_warmup:
             self.still_params = self.gen.still_frame_parameters()
             self.lower_head_params = [p for head in self.gen.renders[:-1] for p in head.parameters()]
         self.iteration = 0
@@ -363,8 +372,12 @@ class Trainer:
         """One G update and one D update; during the frame warm-up, frame updates instead (:meth:`frame_step`).
 
         ``labels`` ``(N,)`` are the real clips' classes (conditional models only); ``z`` and
-        ``fake_labels`` default to fresh ``U(-1, 1)`` latents and uniformly drawn classes.  Returns
-        0-dim losses: ``loss_g``, ``loss_d`` and ``r1``, or ``loss_frame_d`` during the warm-up.
+        ``fake_labels`` default to fresh ``U(-1, 1)`` latents and uniformly drawn classes.  With
+        ``frame_dis_weight`` the frame discriminator also judges every frame of the last level: G's
+        loss adds the weight times ``loss_frame_g``, and after D's update it takes one of its own
+        (:meth:`update_frame_dis`).  Returns 0-dim losses: ``loss_g`` (the video discriminators'),
+        ``loss_d`` and ``r1``, with ``loss_frame_g`` and ``loss_frame_d`` under a frame discriminator
+        weight; only ``loss_frame_d`` during the warm-up.
         """
         cfg = self.cfg
         if (labels is not None) != bool(cfg.n_classes):
@@ -389,7 +402,13 @@ class Trainer:
 
         # 1. generator: gradient of L_G w.r.t. the renders, then through G only (D's grads discarded).
         loss_g = generator_loss(y_fake)
-        grad_fake = torch.autograd.grad(loss_g, fake_in, retain_graph=True)
+        weight, frame_losses, loss_total = self.config.frame_dis_weight, {}, loss_g
+        if weight:
+            with self.autocast():
+                y_frames = self.frame_dis(fold_time(fake_in[-1]))
+            frame_losses["loss_frame_g"] = generator_loss(y_frames)
+            loss_total = loss_g + weight * frame_losses["loss_frame_g"]
+        grad_fake = torch.autograd.grad(loss_total, fake_in, retain_graph=True)
         self.opt_g.zero_grad(set_to_none=True)
         torch.autograd.backward(fake, grad_fake)
         average_gradients(self.gen.parameters())
@@ -403,7 +422,12 @@ class Trainer:
         torch.autograd.backward(loss_d, inputs=self.dis_params)
         average_gradients(self.dis_params)
         self.opt_d.step()
-        return {"loss_g": loss_g.detach(), "loss_d": loss_adv.detach(), "r1": r1.detach()}
+        # 3. the frame discriminator on the last level's frames, R1 on the real ones.
+        if weight:
+            real_frames = fold_time(real[-1].detach()).requires_grad_(True)
+            frame_losses["loss_frame_d"] = self.update_frame_dis(real_frames, fold_time(fake_in[-1].detach()))
+        losses = {"loss_g": loss_g, "loss_d": loss_adv, "r1": r1, **frame_losses}
+        return {name: value.detach() for name, value in losses.items()}
 
     def frame_step(self, x_real: torch.Tensor) -> torch.Tensor:
         """One update of the frame discriminator, then one of G's still frames against it.
@@ -423,14 +447,7 @@ class Trainer:
         with self.autocast():
             maps = self.gen.still_maps(z, labels)
             fake = self.gen.renders[-1](maps[-1], labels)
-            y_real = self.frame_dis(real)
-            y_fake = self.frame_dis(fake.detach())
-        loss_adv = discriminator_loss(y_real, y_fake)
-        loss_d = loss_adv + self.config.gp_weight * r1_penalty(y_real, [real])
-        self.opt_frame.zero_grad(set_to_none=True)
-        loss_d.backward()
-        average_gradients(self.frame_dis.parameters())
-        self.opt_frame.step()
+        loss_adv = self.update_frame_dis(real, fake.detach())
 
         with self.autocast():
             loss_g = generator_loss(self.frame_dis(fake))
@@ -441,6 +458,21 @@ class Trainer:
         torch.autograd.backward(lower_render_loss(lower, fake.detach()), inputs=self.lower_head_params)
         average_gradients(self.still_params + self.lower_head_params)
         self.opt_g.step()
+        return loss_adv
+
+    def update_frame_dis(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """One update of the frame discriminator: real frames ``(M, C, H, W)`` (a leaf that requires grad,
+        for R1 at ``gp_weight``) against fake frames ``(M', C, H, W)`` (detached), non-saturating loss.
+        Returns its adversarial loss, detached (a 0-dim tensor)."""
+        with self.autocast():
+            y_real = self.frame_dis(real)
+            y_fake = self.frame_dis(fake)
+        loss_adv = discriminator_loss(y_real, y_fake)
+        loss_d = loss_adv + self.config.gp_weight * r1_penalty(y_real, [real])
+        self.opt_frame.zero_grad(set_to_none=True)
+        loss_d.backward()
+        average_gradients(self.frame_dis.parameters())
+        self.opt_frame.step()
         return loss_adv.detach()
 
     def state_dict(self) -> dict:
@@ -649,16 +681,17 @@ def describe_speed(it_per_s: float, remaining: int, what: str = "iterations") ->
 
 
 # TensorBoard tags of the metrics.jsonl keys; evaluation scores go under "metrics/".
-BOARD_TAGS = {"loss_g": "loss/G", "loss_d": "loss/D", "r1": "loss/R1", "loss_frame_d": "loss/frame_D",
+BOARD_TAGS = {"loss_g": "loss/G", "loss_d": "loss/D", "r1": "loss/R1", "loss_frame_g": "loss/frame_G",
+              "loss_frame_d": "loss/frame_D",
               "lr_g": "learning_rate/G", "lr_d": "learning_rate/D", "it_per_s": "speed/iterations_per_second"}
 
 # Progress-bar names of the losses.
-BAR_NAMES = {"loss_g": "L_G", "loss_d": "L_D", "r1": "R1", "loss_frame_d": "L_D(frame)"}
+BAR_NAMES = {"loss_g": "L_G", "loss_d": "L_D", "r1": "R1", "loss_frame_g": "L_G(frame)", "loss_frame_d": "L_D(frame)"}
 
 
 class LossMeter:
-    """Running means of the losses :meth:`Trainer.step` returns (L_G, L_D's adversarial part and R1, or the
-    frame discriminator's L_D in the frame warm-up) since the last :meth:`read`, kept on the device.
+    """Running means of the losses :meth:`Trainer.step` returns (L_G, L_D's adversarial part and R1, and
+    the frame discriminator's L_G and L_D) since the last :meth:`read`, kept on the device.
 
     Each loss is averaged over the steps that returned it.  Also measures training speed: time spent
     inside :meth:`paused` (samples, checkpoints) is not counted.

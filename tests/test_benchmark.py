@@ -67,4 +67,5 @@ def test_speed_cli_json(capsys):
     benchmark.main(["speed", "--batch-size", "8", "--device", "cpu", "--steps", "1", "--warmup", "0", "--json",
                     "--motion-warp"])
     warped = json.loads(capsys.readouterr().out)
-    assert warped["motion_warp"] and round(warped["gflop_per_iter"], 1) == 197.4  # 214.3 without the warp
+    # 214.3 for the preset's generator; the warp makes it 197.4, the kept-on frame discriminator adds 9.1
+    assert warped["motion_warp"] and round(warped["gflop_per_iter"], 1) == 206.5

@@ -149,12 +149,63 @@ def test_frame_warmup_moves_only_what_draws_still_frames_and_the_lower_heads_the
     assert not all(torch.equal(p, q) for p, q in zip(trained.frame_dis.parameters(), frame_dis))
     frame_dis = [p.detach().clone() for p in trained.frame_dis.parameters()]
     trained.set_iteration(1)
-    assert set(trained.step(x)) == {"loss_g", "loss_d", "r1"}  # the warm-up is over: one video update
+    assert set(trained.step(x)) == {"loss_g", "loss_d", "r1", "loss_frame_g", "loss_frame_d"}  # a video update
     assert not all(torch.equal(p, q) for p, q in zip(trained.dis.parameters(), video_dis))
-    assert all(torch.equal(p, q) for p, q in zip(trained.frame_dis.parameters(), frame_dis))
+    assert not all(torch.equal(p, q) for p, q in zip(trained.frame_dis.parameters(), frame_dis))  # still judging
     paper = trainer.Trainer(model_config("movingmnist", n_frames=8),
                             trainer.TrainConfig(recipe="paper", batch_size=2, sync_bn=False), torch.device("cpu"))
     assert paper.frame_dis is None and "opt_frame" not in paper.state_dict()
+
+
+def test_frame_discriminator_weight_comes_with_the_tuned_recipe():
+    assert parse().frame_dis_weight == 0.25 and parse("--recipe", "paper").frame_dis_weight == 0.0
+    assert parse("--frame-dis-weight", "0").frame_dis_weight == 0.0
+    assert parse("--recipe", "paper", "--frame-dis-weight", "0.5").frame_dis_weight == 0.5
+
+
+def video_step(frame_dis_weight, motion_warp=True, n_frames=16):
+    """One video iteration of a fresh seeded trainer on clips ``x``: (trainer, losses, frame D's inputs, x)."""
+    torch.manual_seed(0)
+    config = trainer.TrainConfig(batch_size=2, sync_bn=False, channels_last=False, frame_warmup=0,
+                                 frame_dis_weight=frame_dis_weight)
+    cfg = model_config("movingmnist", n_frames=n_frames, content_skip=True, motion_warp=motion_warp)
+    t = trainer.Trainer(cfg, config, torch.device("cpu"))
+    inputs = []
+    if t.frame_dis is not None:
+        t.frame_dis.register_forward_hook(lambda module, args, output: inputs.append(args[0]))
+    torch.manual_seed(1)  # the same clips, latents and offsets whether or not a frame D drew its weights
+    x = torch.rand(2, 1, n_frames, 64, 64) * 2 - 1
+    t.set_iteration(0)
+    return t, t.step(x), inputs, x
+
+
+def test_frame_discriminator_in_video_iterations_adds_to_g_and_updates_itself_after_d():
+    def same(a, b):
+        return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+    without, losses_without, _, _ = video_step(0.0)
+    assert set(losses_without) == {"loss_g", "loss_d", "r1"} and without.frame_dis is None
+    with_frames, losses, inputs, x = video_step(0.25)
+    assert set(losses) == {"loss_g", "loss_d", "r1", "loss_frame_g", "loss_frame_d"}
+    assert all(torch.isfinite(v) and v.dim() == 0 and not v.requires_grad for v in losses.values())
+    # D sees the same forward passes (made before G's step), so G's update is what the frame loss changes.
+    assert same(with_frames.dis, without.dis) and not same(with_frames.gen, without.gen)
+    for name in ("loss_g", "loss_d", "r1"):
+        assert torch.equal(losses[name], losses_without[name])
+    # Three passes: G's loss on the last level's fake frames, then the update on real frames against them.
+    fake_for_g, real, fake_for_d = inputs
+    assert fake_for_g.shape == real.shape == fake_for_d.shape == (2 * 2, 1, 64, 64)  # 2 clips x 16 / 8 frames
+    assert fake_for_g.requires_grad and real.requires_grad and not fake_for_d.requires_grad
+    assert torch.equal(fake_for_g.detach(), fake_for_d)
+    real_frames = x.transpose(1, 2).flatten(0, 1)  # each clip's own frames, in order
+    for i, frame in enumerate(real.detach()):
+        clip = i // 2
+        assert any(torch.equal(frame, f) for f in real_frames[16 * clip:16 * (clip + 1)])
+
+
+def test_frame_discriminator_needs_no_motion_warp():
+    t, losses, _, _ = video_step(0.25, motion_warp=False)
+    assert t.frame_dis is not None and "loss_frame_d" in losses and "frame_discriminator" in t.state_dict()
 
 
 def test_loss_meter_averages_each_loss_over_the_steps_that_returned_it():

@@ -288,7 +288,8 @@ def test_bad_training_flags_are_one_line(tmp_path, capsys, flags, expected):
 
 
 @pytest.mark.parametrize("flag, value", [("--lr-g", "-1"), ("--lr-d", "nan"), ("--workers", "-1"),
-                                         ("--beta2", "1.5"), ("--gp-weight", "-0.5")])
+                                         ("--beta2", "1.5"), ("--gp-weight", "-0.5"),
+                                         ("--frame-dis-weight", "-1")])
 def test_out_of_range_numbers_name_the_flag(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
         train(tmp_path, "--iterations", "1", flag, value)

@@ -29,11 +29,11 @@ def test_tensorboard_events_hold_losses_learning_rates_speed_and_animated_sample
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
-    assert {"loss/G", "loss/D", "loss/R1", "loss/frame_D", "learning_rate/G", "learning_rate/D",
+    assert {"loss/G", "loss/D", "loss/R1", "loss/frame_G", "loss/frame_D", "learning_rate/G", "learning_rate/D",
             "speed/iterations_per_second"} <= set(tags["scalars"])
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [e.step for e in events.Scalars("loss/frame_D")] == [1]  # the frame warm-up, then video iterations
-    assert [e.step for e in events.Scalars("loss/G")] == [2, 3]
+    assert [e.step for e in events.Scalars("loss/frame_D")] == [1, 2, 3]  # the frame warm-up, then video iterations
+    assert [e.step for e in events.Scalars("loss/G")] == [2, 3] == [e.step for e in events.Scalars("loss/frame_G")]
     assert [e.value for e in events.Scalars("loss/G")] == pytest.approx([m["loss_g"] for m in metrics[1:]])
     assert [e.value for e in events.Scalars("learning_rate/D")] == pytest.approx([1e-4] * 3)
     images = events.Images("samples")
@@ -99,14 +99,26 @@ def test_runs_from_before_the_motion_warp_resume_and_rerun_without_it(tmp_path):
 
 
 def test_runs_from_before_the_frame_warmup_resume_without_it(tmp_path):
-    run(tmp_path, "--iterations", "1", "--frame-warmup", "0", "--snapshot-every", "0")
+    run(tmp_path, "--iterations", "1", "--frame-warmup", "0", "--frame-dis-weight", "0", "--snapshot-every", "0")
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
-    del ckpt["config"]["frame_warmup"]  # as runs before the option wrote them
+    del ckpt["config"]["frame_warmup"], ckpt["config"]["frame_dis_weight"]  # as runs before the options wrote them
     save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
     run(tmp_path, "--iterations", "2", "--resume")  # the default recipe has a warm-up, this run had none
     resumed = load_checkpoint(tmp_path / "checkpoint.pt")
     assert resumed["iteration"] == 2 and resumed["config"]["frame_warmup"] == 0
     assert "frame_discriminator" not in resumed and resumed["config"]["motion_warp"] is True
+
+
+def test_runs_from_before_the_frame_discriminator_weight_resume_without_it(tmp_path):
+    run(tmp_path, "--iterations", "2", "--frame-warmup", "1", "--frame-dis-weight", "0", "--snapshot-every", "0")
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    del ckpt["config"]["frame_dis_weight"]  # as runs before the option wrote them
+    save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
+    run(tmp_path, "--iterations", "3", "--resume")  # the default recipe keeps the frame discriminator on
+    resumed = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert resumed["iteration"] == 3 and resumed["config"]["frame_dis_weight"] == 0.0
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["iteration"] == 3 and "loss_g" in last and "loss_frame_g" not in last
 
 
 def test_resume_refuses_a_checkpoint_with_an_averaged_generator(tmp_path, capsys):

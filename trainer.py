@@ -39,8 +39,7 @@ EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", 
                    "frame_dis_weight")
 
 # Settings added after runs were written, with the value those runs used (an older config.json or checkpoint lacks them).
-SETTINGS_ADDED_LATER = {"motion_warp": False, "frame_warmup": 0,
-                        "frame_dis_weight": 0.0}
+SETTINGS_ADDED_LATER = {"motion_warp": False, "frame_warmup": 0, "frame_dis_weight": 0.0}
 
 # Frame updates per batch in the frame warm-up: one update takes a tenth of a video step, so two halve the loading.
 FRAME_UPDATES_PER_BATCH = 2
@@ -404,8 +403,9 @@ class Trainer:
         loss_g = generator_loss(y_fake)
         weight, frame_losses, loss_total = self.config.frame_dis_weight, {}, loss_g
         if weight:
+            fake_frames = fold_time(fake_in[-1])
             with self.autocast():
-                y_frames = self.frame_dis(fold_time(fake_in[-1]))
+                y_frames = self.frame_dis(fake_frames)
             frame_losses["loss_frame_g"] = generator_loss(y_frames)
             loss_total = loss_g + weight * frame_losses["loss_frame_g"]
         grad_fake = torch.autograd.grad(loss_total, fake_in, retain_graph=True)
@@ -425,7 +425,7 @@ class Trainer:
         # 3. the frame discriminator on the last level's frames, R1 on the real ones.
         if weight:
             real_frames = fold_time(real[-1].detach()).requires_grad_(True)
-            frame_losses["loss_frame_d"] = self.update_frame_dis(real_frames, fold_time(fake_in[-1].detach()))
+            frame_losses["loss_frame_d"] = self.update_frame_dis(real_frames, fake_frames.detach())
         losses = {"loss_g": loss_g, "loss_d": loss_adv, "r1": r1, **frame_losses}
         return {name: value.detach() for name, value in losses.items()}
 

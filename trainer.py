@@ -26,12 +26,12 @@ from datasets import ResumableBatchSampler, to_unit_range
 from models import (PRESETS, FrameDiscriminator, ModelConfig, build_models, convert_sync_batchnorm, count_parameters,
                     fold_time, level_labels, load_weights, model_config, real_pyramid, sampling_mode)
 from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoardLog, all_reduce_mean_, append_jsonl,
-                   average_gradients, broadcast_module, describe_os_error, discard_torn_checkpoint, discriminator_loss,
-                   generator_loss, get_rng_state, init_distributed, int_list, last_good_checkpoint, load_checkpoint,
-                   lower_render_loss, non_negative_float, non_negative_int, nonfinite_entries, positive_float,
-                   positive_int, prepare_output_folder, previous_checkpoint_path, r1_penalty, report_error,
-                   resolve_amp, save_checkpoint, seed_everything, set_rng_state, temporary_checkpoint_path,
-                   tensorboard_available, unit_interval, write_json)
+                   average_gradients, broadcast_module, close_distributed, describe_os_error, discard_torn_checkpoint,
+                   discriminator_loss, generator_loss, get_rng_state, init_distributed, int_list, last_good_checkpoint,
+                   load_checkpoint, lower_render_loss, non_negative_float, non_negative_int, nonfinite_entries,
+                   positive_float, positive_int, prepare_output_folder, previous_checkpoint_path, r1_penalty,
+                   report_error, resolve_amp, save_checkpoint, seed_everything, set_rng_state,
+                   temporary_checkpoint_path, tensorboard_available, unit_interval, write_json)
 # Flags that define the experiment: on --resume they come from the checkpoint, not the command line.
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
                    "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
@@ -911,7 +911,8 @@ def train(config: TrainConfig, dataset, gen_samples: Callable, describe_data: st
 
     ``ckpt`` is the checkpoint to continue from (see :func:`resolve_resume`); ``quick_start`` is the
     command printed when there is no GPU.  Writes what README's "What a run writes" lists (on rank 0
-    only under torchrun).  Returns the last logged metrics.
+    only under torchrun), and under torchrun leaves the process group at the end, all ranks together.
+    Returns the last logged metrics.
     """
     rank, world_size, device = init_distributed(config.device)
     classes = conditional_classes(config, dataset, describe_data)
@@ -971,6 +972,7 @@ def train(config: TrainConfig, dataset, gen_samples: Callable, describe_data: st
                                f"checkpoint written to {checkpoint_path} (continue with --resume)", file=sys.stderr)
                 break
     bar.close()
+    close_distributed()
     return last
 
 

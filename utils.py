@@ -664,6 +664,19 @@ def init_distributed(device_name: str = "auto"):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def close_distributed() -> None:
+    """Leave the process group together at the end of a run (no-op when alone).
+
+    Every rank first waits for the others (rank 0 may still be writing a checkpoint), so no rank
+    exits while a peer's gloo connection to it is still open: a rank torn down mid-connection can abort.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
     """Average ``tensors`` in place across processes with one flat all-reduce (no-op when alone)."""
     import torch.distributed as dist

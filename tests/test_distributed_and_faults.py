@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from models import model_config
 from trainer import TrainConfig, Trainer
-from utils import load_checkpoint
+from utils import close_distributed, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -57,8 +57,9 @@ def _rank_worker(rank, init_file, out_dir, x, z):
     for _ in range(3):
         trainer.step(x[local])
         identical.append(parameters_identical_across_ranks(trainer))
+    close_distributed()  # what train() does at the end of a torchrun run
+    identical.append(not dist.is_initialized())
     (Path(out_dir) / f"identical{rank}.json").write_text(json.dumps(identical))
-    dist.destroy_process_group()
 
 
 def test_two_process_gradients_equal_one_process_on_the_global_batch(tmp_path):
@@ -83,19 +84,25 @@ def test_two_process_gradients_equal_one_process_on_the_global_batch(tmp_path):
             # ConvLSTM and fc, under every frame's BatchNorm, agree to about 1 %; a wrong reduction is off by O(1).
             error = (grads[name] - grad).norm()
             assert error <= 2e-2 * grad.norm() + 1e-6 * total, f"{name}: |error| {error:.3g} vs |grad| {grad.norm():.3g}"
-        assert json.loads((tmp_path / f"identical{rank}.json").read_text()) == [True] * 4  # after every step
+        # after every step, and then the group left
+        assert json.loads((tmp_path / f"identical{rank}.json").read_text()) == [True] * 5
+
+
+def run_ok(command):
+    """Run ``command`` in the repository; on a non-zero exit, fail with the tail of its stderr."""
+    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-3000:]}"
 
 
 def test_torchrun_two_processes_then_resume(tmp_path):
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     args = TRAIN[1:] + ["--out", str(tmp_path), "--sync-bn"]
-    subprocess.run(launch + args + ["--iterations", "2"], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    run_ok(launch + args + ["--iterations", "2"])
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["iteration"] == 2 and len(ckpt["rng"]) == 2 and ckpt["config"]["world_size"] == 2
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in lines] == [1, 2]  # rank 0 alone writes
-    subprocess.run(launch + args + ["--iterations", "3", "--resume"], cwd=ROOT, env=ENV, check=True,
-                   capture_output=True)
+    run_ok(launch + args + ["--iterations", "3", "--resume"])
     assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == 3
 
 
@@ -126,7 +133,7 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
 
 def test_corrupt_latest_checkpoint_falls_back_on_resume(tmp_path):
     run = TRAIN + ["--out", str(tmp_path), "--checkpoint-every", "1"]
-    subprocess.run(run + ["--iterations", "2"], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    run_ok(run + ["--iterations", "2"])
     latest = tmp_path / "checkpoint.pt"
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # a torn write
     done = subprocess.run(run + ["--iterations", "3", "--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True)
@@ -143,7 +150,7 @@ def test_kill_9_then_resume_finishes(tmp_path):
     proc.wait()
     reached = load_checkpoint(tmp_path / "checkpoint.pt")["iteration"]
     final = reached + 2
-    subprocess.run(run + ["--iterations", str(final), "--resume"], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    run_ok(run + ["--iterations", str(final), "--resume"])
     assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == final
 
 

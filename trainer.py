@@ -58,7 +58,7 @@ AUTHORS_SETTINGS = dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9)
 RECIPES = {
     "paper": dict(AUTHORS_SETTINGS, content_skip=False, motion_warp=False, frame_warmup=0, frame_dis_weight=0.0,
                   gp_weight=AUTHORS_R1_WEIGHT),
-    "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=1250, frame_dis_weight=0.25),
+    "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=1250, frame_dis_weight=0.1),
 }
 
 
@@ -201,7 +201,7 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
     p.add_argument("--frame-dis-weight", type=non_negative_float,
                    help="in the video iterations a 2-D frame discriminator (the frame warm-up's) judges every frame "
                         "of the last level against the real clips' frames, with R1, one update per iteration; G's "
-                        "loss adds this weight times its loss on those frames; 0 = off; paper: 0, tuned: 0.25 "
+                        "loss adds this weight times its loss on those frames; 0 = off; paper: 0, tuned: 0.1 "
                         "(recipe)")
     p.add_argument("--gp-weight", type=non_negative_float,
                    help="weight of the zero-centred R1 penalty on real data (lambda), a sum over each process's "

@@ -158,7 +158,7 @@ def test_frame_warmup_moves_only_what_draws_still_frames_and_the_lower_heads_the
 
 
 def test_frame_discriminator_weight_comes_with_the_tuned_recipe():
-    assert parse().frame_dis_weight == 0.25 and parse("--recipe", "paper").frame_dis_weight == 0.0
+    assert parse().frame_dis_weight == 0.1 and parse("--recipe", "paper").frame_dis_weight == 0.0
     assert parse("--frame-dis-weight", "0").frame_dis_weight == 0.0
     assert parse("--recipe", "paper", "--frame-dis-weight", "0.5").frame_dis_weight == 0.5
 

@@ -7,7 +7,7 @@ import torch
 
 import train_movingmnist
 import trainer
-from models import BN_EPS, Generator, model_config, real_pyramid, subsample
+from models import BN_EPS, Generator, fold_time, model_config, real_pyramid, subsample
 
 FAST = ["--data", "synthetic", "--batch-size", "2", "--workers", "0", "--sample-grid", "2", "--log-every", "1"]
 
@@ -197,7 +197,7 @@ def test_frame_discriminator_in_video_iterations_adds_to_g_and_updates_itself_af
     assert fake_for_g.shape == real.shape == fake_for_d.shape == (2 * 2, 1, 64, 64)  # 2 clips x 16 / 8 frames
     assert fake_for_g.requires_grad and real.requires_grad and not fake_for_d.requires_grad
     assert torch.equal(fake_for_g.detach(), fake_for_d)
-    real_frames = x.transpose(1, 2).flatten(0, 1)  # each clip's own frames, in order
+    real_frames = fold_time(x)  # each clip's own frames, in order
     for i, frame in enumerate(real.detach()):
         clip = i // 2
         assert any(torch.equal(frame, f) for f in real_frames[16 * clip:16 * (clip + 1)])

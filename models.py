@@ -818,17 +818,23 @@ class FrameDiscriminator(nn.Module):
     Four strided 4x4 convolutions (32 to 256 channels, LeakyReLU 0.2, BatchNorm after all but the
     first), then a linear map of the ``H/16 x W/16`` features; weights drawn from ``N(0, 0.02)``.  A
     cheap judge of still frames: in the default recipe's frame warm-up it teaches the generator to draw
-    frames at a fraction of a video iteration's cost (README, "Recipe").
+    frames at a fraction of a video iteration's cost (README, "Recipe").  With ``deviation_group`` > 0
+    the linear map also reads a minibatch-deviation channel (:func:`minibatch_deviation`), which lets it
+    see a batch of frames that all draw the same few digits.
     """
 
-    def __init__(self, in_ch: int, resolution: int):
+    def __init__(self, in_ch: int, resolution: int, deviation_group: int = 0):
         super().__init__()
         if resolution % 16:
             raise ValueError(f"frame discriminator resolution must be a multiple of 16, got {resolution}")
+        if deviation_group < 0:
+            raise ValueError(f"deviation_group must be >= 0, got {deviation_group}")
+        self.deviation_group = deviation_group
         layers = [nn.Conv2d(in_ch, 32, 4, 2, 1), nn.LeakyReLU(0.2)]
         for c_in, c_out in ((32, 64), (64, 128), (128, 256)):
             layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
-        layers += [nn.Flatten(), nn.Linear(256 * (resolution // 16) ** 2, 1)]
+        features = (256 + (1 if deviation_group else 0)) * (resolution // 16) ** 2
+        layers += [nn.Flatten(), nn.Linear(features, 1)]
         self.layers = nn.Sequential(*layers)
         for module in self.layers:
             if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -836,7 +842,24 @@ class FrameDiscriminator(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x).squeeze(1)
+        if not self.deviation_group:
+            return self.layers(x).squeeze(1)
+        h = self.layers[:-2](x)
+        h = torch.cat([h, minibatch_deviation(h, self.deviation_group)], 1)
+        return self.layers[-2:](h).squeeze(1)
+
+
+def minibatch_deviation(h: torch.Tensor, group: int) -> torch.Tensor:
+    """One feature channel that measures how alike the samples of a batch are: ``(N, C, H, W) -> (N, 1, H, W)``.
+
+    Sample ``i`` joins the group of samples ``i mod (N/g)``, where ``g`` is the largest size up to ``group``
+    that divides ``N``; each group's value is the standard deviation over its members, averaged over
+    channels and positions, and fills its members' channel.
+    """
+    n = h.shape[0]
+    g = next(k for k in range(min(group, n), 0, -1) if n % k == 0)
+    std = (h.float().reshape(g, n // g, *h.shape[1:]).var(0, unbiased=False) + 1e-8).sqrt()
+    return std.mean(dim=(1, 2, 3)).repeat(g).to(h.dtype)[:, None, None, None].expand(-1, 1, *h.shape[2:])
 
 
 def load_weights(module: nn.Module, state: dict, what: str = "model") -> None:

@@ -36,10 +36,10 @@ from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoa
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
                    "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
                    "split", "sync_bn", "recipe", "content_skip", "motion_warp", "frame_warmup",
-                   "frame_dis_weight")
+                   "frame_dis_weight", "frame_dis_group")
 
 # Settings added after runs were written, with the value those runs used (an older config.json or checkpoint lacks them).
-SETTINGS_ADDED_LATER = {"motion_warp": False, "frame_warmup": 0, "frame_dis_weight": 0.0}
+SETTINGS_ADDED_LATER = {"motion_warp": False, "frame_warmup": 0, "frame_dis_weight": 0.0, "frame_dis_group": 0}
 
 # Frame updates per batch in the frame warm-up: one update takes a tenth of a video step, so two halve the loading.
 FRAME_UPDATES_PER_BATCH = 2
@@ -57,8 +57,10 @@ AUTHORS_R1_WEIGHT, AUTHORS_BATCH = 0.5, 32
 AUTHORS_SETTINGS = dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9)
 RECIPES = {
     "paper": dict(AUTHORS_SETTINGS, content_skip=False, motion_warp=False, frame_warmup=0, frame_dis_weight=0.0,
+                  frame_dis_group=0,
                   gp_weight=AUTHORS_R1_WEIGHT),
-    "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=1250, frame_dis_weight=0.1),
+    "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=3750, frame_dis_weight=0.1,
+                  frame_dis_group=4),
 }
 
 
@@ -105,6 +107,7 @@ class TrainConfig:
     motion_warp: Optional[bool] = None  # recipe
     frame_warmup: Optional[int] = None  # recipe
     frame_dis_weight: Optional[float] = None  # recipe
+    frame_dis_group: Optional[int] = None  # recipe
     amp: Optional[str] = None  # recipe: "auto", "none" or "bf16"
     gp_weight: Optional[float] = None  # recipe
     lr_decay_start: int = -1
@@ -197,12 +200,16 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
                    help="the first N iterations train only G's still frames (each clip's map rendered without "
                         "motion), two updates per batch against a 2-D discriminator on single real frames, and fit "
                         "the lower render heads to them, down-sampled; the video iterations follow, up to "
-                        "--iterations; needs --motion-warp; paper: 0, tuned: 1250 (recipe)")
+                        "--iterations; needs --motion-warp; paper: 0, tuned: 3750 (recipe)")
     p.add_argument("--frame-dis-weight", type=non_negative_float,
                    help="in the video iterations a 2-D frame discriminator (the frame warm-up's) judges every frame "
                         "of the last level against the real clips' frames, with R1, one update per iteration; G's "
                         "loss adds this weight times its loss on those frames; 0 = off; paper: 0, tuned: 0.1 "
                         "(recipe)")
+    p.add_argument("--frame-dis-group", type=non_negative_int,
+                   help="the frame discriminator's linear map also reads the standard deviation of its features "
+                        "over groups of N frames of a batch, so it can tell a batch of alike frames from real "
+                        "ones; 0 = no such channel; paper: 0 (no frame discriminator), tuned: 4 (recipe)")
     p.add_argument("--gp-weight", type=non_negative_float,
                    help="weight of the zero-centred R1 penalty on real data (lambda), a sum over each process's "
                         "batch; paper: 0.5, tuned: 16 / --batch-size, the authors' 0.5 x 32 per sample (recipe)")
@@ -340,7 +347,7 @@ class Trainer:
         if config.frame_warmup and not cfg.motion_warp:
             raise ValueError("--frame-warmup needs a motion-warp generator (--motion-warp)")
         if config.frame_warmup or config.frame_dis_weight:
-            self.frame_dis = FrameDiscriminator(cfg.out_channels, cfg.resolutions[-1]).to(device)
+            self.frame_dis = FrameDiscriminator(cfg.out_channels, cfg.resolutions[-1], config.frame_dis_group).to(device)
             # Not the authors' network, so torch's Adam epsilon rather than Chainer's.
             self.opt_frame = torch.optim.Adam(self.frame_dis.parameters(), lr=config.lr_d,
                                               betas=(config.beta1, config.beta2), fused=device.type == "cuda")

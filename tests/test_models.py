@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import (ConvLSTM, FrameDiscriminator, Generator, MultiLevelDiscriminator, build_models, count_parameters,
-                    downsample_video, fold_time, model_config, subsample, unfold_time, warp)
+                    downsample_video, fold_time, minibatch_deviation, model_config, subsample, unfold_time, warp)
 
 
 def expected_shapes(cfg, n, frame_strides, batch_strides):
@@ -250,3 +250,32 @@ def test_frame_discriminator_gives_one_logit_per_frame(channels, size):
     assert dis(torch.randn(2, channels, size, size)).shape == (2,)
     with pytest.raises(ValueError, match="multiple of 16"):
         FrameDiscriminator(1, 72)
+
+
+def test_minibatch_deviation_is_each_group_s_spread_given_to_its_members():
+    h = torch.randn(8, 3, 2, 2)
+    h[4] = h[0]  # samples 0 and 4 form a group of 2 (i mod 4)
+    dev = minibatch_deviation(h, 2)
+    assert dev.shape == (8, 1, 2, 2) and torch.all(dev == dev[:, :, :1, :1])  # one value per sample, every position
+    expected = [h[[i, i + 4]].std(0, unbiased=False).mean() for i in range(4)]
+    assert torch.allclose(dev[:4, 0, 0, 0], torch.stack(expected), atol=1e-4)
+    assert torch.equal(dev[:4], dev[4:]) and dev[0].max() < 1e-3  # alike frames: no spread
+    assert minibatch_deviation(torch.randn(6, 3, 2, 2), 4).shape == (6, 1, 2, 2)  # groups of 3: 4 does not divide 6
+    assert torch.allclose(minibatch_deviation(h[:1], 4), torch.full((1, 1, 2, 2), 1e-4))  # a group of one
+
+
+def test_frame_discriminator_with_a_deviation_channel_sees_its_group_only():
+    torch.manual_seed(0)
+    dis = FrameDiscriminator(1, 64, deviation_group=4).eval()
+    plain = FrameDiscriminator(1, 64)
+    assert dis.layers[-1].in_features == plain.layers[-1].in_features + 16  # one more channel of 4x4
+    assert list(dis.state_dict()) == list(plain.state_dict())  # the same names: runs without it still load
+    x = torch.randn(8, 1, 64, 64)
+    y = dis(x)
+    assert y.shape == (8,)
+    x2 = x.clone()
+    x2[1] = torch.randn(1, 64, 64)  # sample 1 is in group 1 (1, 3, 5, 7 with 8 frames in groups of 4: i mod 2)
+    y2 = dis(x2)
+    assert torch.equal(y2[[0, 2, 4, 6]], y[[0, 2, 4, 6]]) and not torch.allclose(y2[[3, 5, 7]], y[[3, 5, 7]])
+    with pytest.raises(ValueError, match="deviation_group"):
+        FrameDiscriminator(1, 64, deviation_group=-1)

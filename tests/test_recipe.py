@@ -118,7 +118,7 @@ def test_eval_every_adds_digit_scores_to_metrics(tmp_path, monkeypatch):
 
 
 def test_frame_warmup_comes_with_the_warp_and_needs_it():
-    assert parse().frame_warmup == 1250 and parse("--recipe", "paper").frame_warmup == 0
+    assert parse().frame_warmup == 3750 and parse("--recipe", "paper").frame_warmup == 0
     assert parse("--no-motion-warp").frame_warmup == 0  # unset: no still frames without the warp
     assert parse("--frame-warmup", "0").frame_warmup == 0 and parse("--frame-warmup", "7").frame_warmup == 7
     assert parse("--recipe", "paper", "--motion-warp", "--frame-warmup", "3").frame_warmup == 3
@@ -161,6 +161,15 @@ def test_frame_discriminator_weight_comes_with_the_tuned_recipe():
     assert parse().frame_dis_weight == 0.1 and parse("--recipe", "paper").frame_dis_weight == 0.0
     assert parse("--frame-dis-weight", "0").frame_dis_weight == 0.0
     assert parse("--recipe", "paper", "--frame-dis-weight", "0.5").frame_dis_weight == 0.5
+
+
+def test_frame_discriminator_deviation_group_comes_with_the_tuned_recipe():
+    assert parse().frame_dis_group == 4 and parse("--recipe", "paper").frame_dis_group == 0
+    assert parse("--frame-dis-group", "0").frame_dis_group == 0
+    t = trainer.Trainer(model_config("movingmnist", n_frames=8, motion_warp=True),
+                        trainer.TrainConfig(batch_size=2, sync_bn=False, frame_warmup=1, frame_dis_group=2),
+                        torch.device("cpu"))
+    assert t.frame_dis.deviation_group == 2
 
 
 def video_step(frame_dis_weight, motion_warp=True, n_frames=16):

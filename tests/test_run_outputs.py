@@ -121,6 +121,17 @@ def test_runs_from_before_the_frame_discriminator_weight_resume_without_it(tmp_p
     assert last["iteration"] == 3 and "loss_g" in last and "loss_frame_g" not in last
 
 
+def test_runs_from_before_the_deviation_channel_resume_without_it(tmp_path):
+    run(tmp_path, "--iterations", "1", "--frame-warmup", "1", "--frame-dis-group", "0", "--snapshot-every", "0")
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    del ckpt["config"]["frame_dis_group"]  # as runs before the option wrote them
+    save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
+    run(tmp_path, "--iterations", "2", "--resume")  # the default recipe has the channel, this run had none
+    resumed = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert resumed["iteration"] == 2 and resumed["config"]["frame_dis_group"] == 0
+    assert resumed["frame_discriminator"]["layers.12.weight"].shape == (1, 256 * 4 * 4)
+
+
 def test_resume_refuses_a_checkpoint_with_an_averaged_generator(tmp_path, capsys):
     run(tmp_path, "--iterations", "1")
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")

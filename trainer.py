@@ -57,8 +57,7 @@ AUTHORS_R1_WEIGHT, AUTHORS_BATCH = 0.5, 32
 AUTHORS_SETTINGS = dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9)
 RECIPES = {
     "paper": dict(AUTHORS_SETTINGS, content_skip=False, motion_warp=False, frame_warmup=0, frame_dis_weight=0.0,
-                  frame_dis_group=0,
-                  gp_weight=AUTHORS_R1_WEIGHT),
+                  frame_dis_group=0, gp_weight=AUTHORS_R1_WEIGHT),
     "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=3750, frame_dis_weight=0.1,
                   frame_dis_group=4),
 }

@@ -43,6 +43,7 @@ class ModelConfig:
     n_classes: int = 0  # > 0: class-conditional (categorical BN in G, projection in every D)
     content_skip: bool = False  # add the fc output to every ConvLSTM output (the authors: no)
     motion_warp: bool = False  # render one map per clip, moved by per-frame flows from the ConvLSTM (the authors: no)
+    rigid_cells: int = 0  # motion warp, dense generation only: move frame 0 rigidly per cell of a grid this wide (0: no)
 
     @property
     def n_levels(self) -> int:
@@ -105,6 +106,8 @@ def model_config(preset: str, resolution: Optional[int] = None, **overrides) -> 
         )
     if any(s < 1 for s in cfg.subsample_frames + cfg.subsample_batch):
         raise ValueError("subsampling strides must be >= 1")
+    if cfg.rigid_cells < 0 or (cfg.rigid_cells and not cfg.motion_warp):
+        raise ValueError(f"--rigid-cells must be 0, or a positive grid width with --motion-warp; got {cfg.rigid_cells}")
     return cfg
 
 
@@ -329,6 +332,27 @@ def warp(content: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     grid = torch.stack((grid_x, grid_y), -1) + flow.permute(0, 2, 3, 1)
     return F.grid_sample(content.repeat_interleave(t, 0), grid.to(content.dtype), mode="bilinear",
                          padding_mode="border", align_corners=False)
+
+
+# Every pixel's weight in a cell's displacement is its ink plus this much, so a cell without ink takes its plain mean.
+INK_FLOOR = 0.01
+
+
+def cell_displacements(flow: torch.Tensor, frames: torch.Tensor, cells: int) -> torch.Tensor:
+    """How far each cell of each frame has moved since frame 0, for :meth:`Generator.generate` with ``rigid_cells``.
+
+    ``flow`` ``(N, T, 2, h, w)`` (see :func:`warp`); ``frames`` ``(N, C, T, H, W)`` in ``[-1, 1]``, the frames
+    that flow draws.  Per frame, the change of the flow since frame 0 is averaged over each of ``cells x cells``
+    equal cells, each pixel weighted by the ink (``(frames + 1) / 2``, mean over channels) of that frame at it plus
+    ``INK_FLOOR``: the glyph's own motion, not the background's.  Returns ``(N, T, 2, cells, cells)`` in
+    :func:`warp`'s units, zero at frame 0.
+    """
+    n, t = flow.shape[:2]
+    change = (flow - flow[:, :1]).float().flatten(0, 1)  # (N * T, 2, h, w)
+    ink = fold_time((frames.float().mean(1, keepdim=True) + 1) / 2)  # (N * T, 1, H, W)
+    weight = F.adaptive_avg_pool2d(ink, flow.shape[-2:]) + INK_FLOOR
+    moved = F.adaptive_avg_pool2d(change * weight, cells) / F.adaptive_avg_pool2d(weight, cells)
+    return moved.view(n, t, 2, cells, cells).to(flow.dtype)
 
 
 def subsample(x: torch.Tensor, subsample_frames: int, subsample_batch: int, time_dim: int,
@@ -581,7 +605,10 @@ class Generator(nn.Module):
         """Dense generation: every frame of every sample rendered at ``level`` (1-based, default last).
 
         Any ``n_frames`` works (the ConvLSTM unrolls as long as asked).  Call in eval mode to use the
-        BatchNorm running statistics, as the authors do.  Returns ``(N, C, n_frames, H, W)``.
+        BatchNorm running statistics, as the authors do.  With ``cfg.rigid_cells`` (motion warp only), frame 0
+        is drawn by its flow as usual and every later frame is frame 0's map carried by one displacement per
+        cell of a ``rigid_cells x rigid_cells`` grid (:func:`cell_displacements`, bilinearly blended between
+        cells), instead of each frame's own flow.  Returns ``(N, C, n_frames, H, W)``.
         """
         self._check_labels(z, labels)
         n_frames = n_frames or self.cfg.n_frames
@@ -592,7 +619,13 @@ class Generator(nn.Module):
             content, flow = self.content_and_flow(z, n_frames, labels)
             for block in self.level_blocks[: level - 1]:
                 content = block(content, labels)
-            return self._render_warped(level - 1, content, flow, labels)
+            frames = self._render_warped(level - 1, content, flow, labels)
+            if not self.cfg.rigid_cells:
+                return frames
+            # Frame 0 as the flow draws it, then carried by each cell's displacement, so glyphs keep their shape.
+            first = warp(content, flow[:, :1])
+            return self._render_warped(level - 1, first, cell_displacements(flow, frames, self.cfg.rigid_cells),
+                                       labels)
         per_frame = frame_labels(labels, n_frames)
         h = self.frames(z, n_frames, labels)
         for block in self.level_blocks[: level - 1]:
@@ -605,17 +638,24 @@ class Generator(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def load_generator(path, device="cpu") -> Tuple[Generator, dict]:
+def load_generator(path, device="cpu", rigid_cells: Optional[int] = None) -> Tuple[Generator, dict]:
     """Rebuild the generator of a training checkpoint or of a G-only snapshot, in eval mode.
 
-    Both hold ``generator`` and ``config``.  Returns ``(generator, checkpoint)``; a missing,
-    unreadable or foreign file raises a one-line :class:`utils.InputError` naming ``path``.
+    Both hold ``generator`` and ``config``.  ``rigid_cells`` replaces the saved ``ModelConfig.rigid_cells``
+    (``None``: keep it; runs from before the setting have 0).  Returns ``(generator, checkpoint)``; a missing,
+    unreadable or foreign file, or rigid cells for a generator without the motion warp, raises a one-line
+    :class:`utils.InputError` naming ``path``.
     """
     try:
         ckpt = load_checkpoint(path, map_location=device)
         if "generator" not in ckpt or "config" not in ckpt:
             raise KeyError("not a TGANv2 checkpoint or snapshot (no 'generator'/'config' entry)")
-        gen = Generator(ModelConfig(**ckpt["config"]["model"])).to(device)
+        cfg = ModelConfig(**ckpt["config"]["model"])
+        if rigid_cells is not None:
+            if rigid_cells and not cfg.motion_warp:
+                raise ValueError(f"--rigid-cells {rigid_cells} needs a motion-warp generator; this one has none")
+            cfg.rigid_cells = rigid_cells
+        gen = Generator(cfg).to(device)
         load_weights(gen, ckpt["generator"], "generator")
     except (FileNotFoundError, KeyError, RuntimeError, TypeError, ValueError) as err:
         message = first_line(err)

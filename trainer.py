@@ -36,10 +36,11 @@ from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoa
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
                    "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
                    "split", "sync_bn", "recipe", "content_skip", "motion_warp", "frame_warmup",
-                   "frame_dis_weight", "frame_dis_group")
+                   "frame_dis_weight", "frame_dis_group", "rigid_cells")
 
 # Settings added after runs were written, with the value those runs used (an older config.json or checkpoint lacks them).
-SETTINGS_ADDED_LATER = {"motion_warp": False, "frame_warmup": 0, "frame_dis_weight": 0.0, "frame_dis_group": 0}
+SETTINGS_ADDED_LATER = {"motion_warp": False, "frame_warmup": 0, "frame_dis_weight": 0.0, "frame_dis_group": 0,
+                        "rigid_cells": 0}
 
 # Frame updates per batch in the frame warm-up: one update takes a tenth of a video step, so two halve the loading.
 FRAME_UPDATES_PER_BATCH = 2
@@ -57,9 +58,9 @@ AUTHORS_R1_WEIGHT, AUTHORS_BATCH = 0.5, 32
 AUTHORS_SETTINGS = dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9)
 RECIPES = {
     "paper": dict(AUTHORS_SETTINGS, content_skip=False, motion_warp=False, frame_warmup=0, frame_dis_weight=0.0,
-                  frame_dis_group=0, gp_weight=AUTHORS_R1_WEIGHT),
+                  frame_dis_group=0, rigid_cells=0, gp_weight=AUTHORS_R1_WEIGHT),
     "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=3750, frame_dis_weight=0.1,
-                  frame_dis_group=4),
+                  frame_dis_group=4, rigid_cells=2),
 }
 
 
@@ -71,14 +72,15 @@ def apply_recipe(config) -> None:
     """Fill every recipe-controlled setting left unset (``None``) from ``RECIPES[config.recipe]``.
 
     A recipe without ``gp_weight`` scales the authors' R1 weight by their batch over ``config.batch_size``.
-    A frame warm-up left unset is 0 without the motion warp (still frames exist only under it).
+    A frame warm-up and rigid cells left unset are 0 without the motion warp (both exist only under it).
     """
-    frame_warmup_unset = config.frame_warmup is None
+    warp_only = [key for key in ("frame_warmup", "rigid_cells") if getattr(config, key, None) is None]
     for key, value in RECIPES[config.recipe].items():
         if getattr(config, key, None) is None:
             setattr(config, key, value)
-    if frame_warmup_unset and not config.motion_warp:
-        config.frame_warmup = 0
+    if not config.motion_warp:
+        for key in warp_only:
+            setattr(config, key, 0)
     if config.gp_weight is None:
         config.gp_weight = AUTHORS_R1_WEIGHT * AUTHORS_BATCH / config.batch_size
 
@@ -107,6 +109,7 @@ class TrainConfig:
     frame_warmup: Optional[int] = None  # recipe
     frame_dis_weight: Optional[float] = None  # recipe
     frame_dis_group: Optional[int] = None  # recipe
+    rigid_cells: Optional[int] = None  # recipe
     amp: Optional[str] = None  # recipe: "auto", "none" or "bf16"
     gp_weight: Optional[float] = None  # recipe
     lr_decay_start: int = -1
@@ -209,6 +212,11 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
                    help="the frame discriminator's linear map also reads the standard deviation of its features "
                         "over groups of N frames of a batch, so it can tell a batch of alike frames from real "
                         "ones; 0 = no such channel; paper: 0 (no frame discriminator), tuned: 4 (recipe)")
+    p.add_argument("--rigid-cells", type=non_negative_int,
+                   help="dense generation only (sample grids, evaluation, generate.py): draw frame 0 with its flow, "
+                        "then carry it to each later frame by one displacement per cell of an N x N grid, the "
+                        "ink-weighted mean of the flow's change since frame 0, so glyphs keep their shape; 0 = every "
+                        "frame from its own flow; needs --motion-warp; paper: 0, tuned: 2 (recipe)")
     p.add_argument("--gp-weight", type=non_negative_float,
                    help="weight of the zero-centred R1 penalty on real data (lambda), a sum over each process's "
                         "batch; paper: 0.5, tuned: 16 / --batch-size, the authors' 0.5 x 32 per sample (recipe)")
@@ -629,11 +637,15 @@ def check_clip_geometry(config: TrainConfig) -> None:
                              f"{value // needed} at the last level; expected at least {needed}")
 
 
-def check_frame_warmup(config: TrainConfig) -> None:
-    """Still frames exist only in a motion-warp generator: ``--frame-warmup`` > 0 needs ``--motion-warp``."""
+def check_warp_settings(config: TrainConfig) -> None:
+    """Still frames and rigid cells exist only in a motion-warp generator: ``--frame-warmup`` > 0 and
+    ``--rigid-cells`` > 0 need ``--motion-warp``."""
     if config.frame_warmup and not config.motion_warp:
         raise InputError(f"--frame-warmup {config.frame_warmup}: still frames need the motion warp; add "
                          "--motion-warp or pass --frame-warmup 0")
+    if config.rigid_cells and not config.motion_warp:
+        raise InputError(f"--rigid-cells {config.rigid_cells}: rigid cells carry a motion-warp generator's frame 0; "
+                         "add --motion-warp or pass --rigid-cells 0")
 
 
 def load_eval_models(config: TrainConfig, device):
@@ -754,7 +766,7 @@ def build_trainer(config: TrainConfig, n_classes: int, device: torch.device, ran
     cfg = model_config(config.preset, resolution=config.resolution, n_frames=config.n_frames,
                        subsample_frames=config.subsample_frames, subsample_batch=config.subsample_batch,
                        n_classes=n_classes, content_skip=config.content_skip,
-                       motion_warp=config.motion_warp)
+                       motion_warp=config.motion_warp, rigid_cells=config.rigid_cells)
     trainer = Trainer(cfg, config, device)
     broadcast_module(trainer.gen)
     broadcast_module(trainer.dis)
@@ -997,7 +1009,7 @@ def main(parser: argparse.ArgumentParser, open_dataset: Callable, gen_samples: C
         prepare_output_folder(config.out)
         ckpt = resolve_resume(config)  # first: the checkpoint's settings decide how the data is opened
         check_clip_geometry(config)
-        check_frame_warmup(config)
+        check_warp_settings(config)
         dataset, describe = open_dataset(config)
         training = True
         return train(config, dataset, gen_samples, describe, ckpt, quick_start)

@@ -70,6 +70,15 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def add_rigid_cells_argument(parser) -> None:
+    """``--rigid-cells N`` for the sampling scripts: overrides the checkpoint's ``ModelConfig.rigid_cells``."""
+    parser.add_argument("--rigid-cells", type=non_negative_int, default=None, metavar="N",
+                        help="motion-warp checkpoints: draw frame 0 with its flow, then carry it to each later frame "
+                             "by one displacement per cell of an N x N grid, so glyphs keep their shape; 0 = every "
+                             "frame from its own flow (default: the checkpoint's setting, 2 for runs of the tuned "
+                             "recipe since it was added, 0 before)")
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not (value > 0 and math.isfinite(value)):

@@ -396,11 +396,15 @@ def test_cli_scores_a_checkpoint_as_json_and_as_text(tmp_path, generator, tiny_c
     assert evaluate.main(argv) == 0
     running = json.loads(capsys.readouterr().out)
     assert running["iteration"] == 2 and running["bn_mode"] == "eval" and SCORES <= set(running)
+    assert running["rigid_cells"] == 0
     assert evaluate.main(argv + ["--bn-mode", "train"]) == 0
     assert json.loads(capsys.readouterr().out)["bn_mode"] == "train"
     assert evaluate.main(argv[:-1 - len(tiny_cli)] + tiny_cli) == 0  # text output
     text = capsys.readouterr().out
-    assert "(iteration 2, BatchNorm eval)" in text and "frechet_distance" in text
+    assert "(iteration 2, BatchNorm eval, rigid cells 0)" in text and "frechet_distance" in text
+    assert evaluate.main(argv + ["--rigid-cells", "2"]) == 1  # this generator renders every frame: nothing to carry
+    assert capsys.readouterr().err == (f"evaluate.py: error: {ckpt}: --rigid-cells 2 needs a motion-warp generator; "
+                                       "this one has none\n")
 
 
 def test_cli_controls_print_a_markdown_table(tiny_cli, capsys):

@@ -91,11 +91,19 @@ def test_bad_values_give_one_line_errors(checkpoint, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_rigid_cells_need_a_motion_warp_checkpoint(checkpoint, tmp_path, capsys):
+    assert run(checkpoint, tmp_path / "out", "--rigid-cells", "2") == 1
+    err = capsys.readouterr().err
+    assert err == f"generate.py: error: {checkpoint}: --rigid-cells 2 needs a motion-warp generator; this one has none\n"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--level", "0"], "argument --level: expected an integer >= 1, got 0"),
     (["--n", "0"], "argument --n: expected an integer >= 1, got 0"),
     (["--frames", "-3"], "argument --frames: expected an integer >= 1, got -3"),
     (["--fps", "0"], "argument --fps: expected a finite number > 0, got 0"),
+    (["--rigid-cells", "-1"], "argument --rigid-cells: expected an integer >= 0, got -1"),
 ])
 def test_out_of_range_flags_are_one_line_usage_errors(checkpoint, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:

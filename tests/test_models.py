@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from models import (ConvLSTM, FrameDiscriminator, Generator, MultiLevelDiscriminator, build_models, count_parameters,
-                    downsample_video, fold_time, minibatch_deviation, model_config, subsample, unfold_time, warp)
+from models import (ConvLSTM, FrameDiscriminator, Generator, MultiLevelDiscriminator, build_models, cell_displacements,
+                    count_parameters, downsample_video, fold_time, minibatch_deviation, model_config, subsample,
+                    unfold_time, warp)
 
 
 def expected_shapes(cfg, n, frame_strides, batch_strides):
@@ -207,6 +208,61 @@ def test_motion_warp_starts_static_and_learns_a_flow():
     content, flow = gen.content_and_flow(z, 8)
     assert flow.shape == (2, 8, 2, 8, 8) and content.shape == (2, 128, 8, 8)
     assert not torch.allclose(shifted, video, atol=1e-3)
+
+
+def test_cell_displacements_follow_the_ink_from_frame_0():
+    flow = torch.zeros(1, 2, 2, 8, 8)
+    flow[0, :, 0] = 0.3  # a lens shared by both frames: no motion
+    flow[0, 1, 0, :, :4] += 0.5  # frame 1: the left half moves along x, the right half along y
+    flow[0, 1, 1, :, 4:] -= 0.25
+    frames = -torch.ones(1, 1, 2, 64, 64)
+    frames[0, 0, 1, 8:16, 8:16] = 1.0  # frame 1's ink: one 8x8 block of the top-left cell
+    moved = cell_displacements(flow, frames, 2)
+    assert moved.shape == (1, 2, 2, 2, 2)
+    assert torch.equal(moved[0, 0], torch.zeros(2, 2, 2))  # frame 0 has not moved
+    torch.testing.assert_close(moved[0, 1, 0], torch.tensor([[0.5, 0.0], [0.5, 0.0]]))  # x: left cells only
+    torch.testing.assert_close(moved[0, 1, 1], torch.tensor([[0.0, -0.25], [0.0, -0.25]]))  # y: right cells only
+    # One cell for the whole frame: the inked block (weight 1.01) outweighs the other 63 blocks (0.01 each).
+    whole = cell_displacements(flow, frames, 1)[0, 1, :, 0, 0]
+    total = 1.01 + 63 * 0.01
+    torch.testing.assert_close(whole, torch.tensor([0.5 * (1.01 + 31 * 0.01) / total, -0.25 * 32 * 0.01 / total]))
+
+
+def test_rigid_cells_keep_frame_0_and_a_uniform_motion_and_carry_frame_0_otherwise(monkeypatch):
+    torch.manual_seed(0)
+    cfg = model_config("movingmnist", n_frames=4, content_skip=True, motion_warp=True)
+    gen = Generator(cfg).eval()
+    rigid = Generator(model_config("movingmnist", n_frames=4, content_skip=True, motion_warp=True, rigid_cells=2))
+    with torch.no_grad():
+        gen.flow_head.weight.normal_(0, 0.05)  # a flow that bends the map: no frame is a moved frame 0
+    rigid.load_state_dict(gen.state_dict())
+    rigid.eval()
+    z = gen.sample_z(2)
+    with torch.no_grad():
+        free, carried = gen.generate(z), rigid.generate(z)
+        torch.testing.assert_close(carried[:, :, 0], free[:, :, 0], rtol=0, atol=1e-6)
+        assert (carried[:, :, 1:] - free[:, :, 1:]).abs().max() > 1e-2
+        # Frame 0's glyphs move: its map, carried by the cells' displacements, is every later frame.
+        content, flow = gen.content_and_flow(z, 4)
+        for block in gen.level_blocks:
+            content = block(content)
+        first = warp(content, flow[:, :1])
+        moved = cell_displacements(flow, free, 2)
+        torch.testing.assert_close(carried, gen._render_warped(3, first, moved, None), rtol=0, atol=1e-6)
+        # A flow that moves the whole map by whole pixels is rigid already: both ways draw the same frames.
+        step = torch.tensor([2 / 64, -4 / 64]).view(1, 1, 2, 1, 1)  # one pixel left, two down per frame
+        uniform = step * torch.arange(4.0).view(1, 4, 1, 1, 1) * torch.ones(2, 4, 2, 8, 8)
+        for g in (gen, rigid):
+            monkeypatch.setattr(g, "content_and_flow", lambda z, n, labels=None, g=g: (
+                Generator.content_and_flow(g, z, n, labels)[0], uniform))
+        torch.testing.assert_close(rigid.generate(z), gen.generate(z), rtol=0, atol=1e-5)
+
+
+def test_rigid_cells_need_the_motion_warp():
+    with pytest.raises(ValueError, match="--rigid-cells must be 0, or a positive grid width with --motion-warp"):
+        model_config("movingmnist", rigid_cells=2)
+    with pytest.raises(ValueError, match="--rigid-cells"):
+        model_config("movingmnist", motion_warp=True, rigid_cells=-1)
 
 
 def test_still_frame_is_every_frame_while_the_flow_is_zero_and_needs_the_warp():

@@ -157,6 +157,14 @@ def test_frame_warmup_moves_only_what_draws_still_frames_and_the_lower_heads_the
     assert paper.frame_dis is None and "opt_frame" not in paper.state_dict()
 
 
+def test_rigid_cells_come_with_the_tuned_recipe_and_the_warp():
+    assert parse().rigid_cells == 2 and parse("--recipe", "paper").rigid_cells == 0
+    assert parse("--no-motion-warp").rigid_cells == 0  # unset: nothing to carry without the warp
+    assert parse("--rigid-cells", "0").rigid_cells == 0 and parse("--rigid-cells", "3").rigid_cells == 3
+    config = parse("--rigid-cells", "3", "--batch-size", "2", "--no-sync-bn")
+    assert trainer.build_trainer(config, 0, torch.device("cpu"), 0).gen.cfg.rigid_cells == 3  # G samples with it
+
+
 def test_frame_discriminator_weight_comes_with_the_tuned_recipe():
     assert parse().frame_dis_weight == 0.1 and parse("--recipe", "paper").frame_dis_weight == 0.0
     assert parse("--frame-dis-weight", "0").frame_dis_weight == 0.0

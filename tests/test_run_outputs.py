@@ -11,6 +11,7 @@ import evaluate
 import generate
 import train_movingmnist
 import train_ucf101
+from models import load_generator
 from test_training import TinyI3D
 from utils import load_checkpoint, save_checkpoint
 
@@ -130,6 +131,20 @@ def test_runs_from_before_the_deviation_channel_resume_without_it(tmp_path):
     resumed = load_checkpoint(tmp_path / "checkpoint.pt")
     assert resumed["iteration"] == 2 and resumed["config"]["frame_dis_group"] == 0
     assert resumed["frame_discriminator"]["layers.12.weight"].shape == (1, 256 * 4 * 4)
+
+
+def test_runs_from_before_rigid_cells_resume_and_sample_without_them(tmp_path):
+    run(tmp_path, "--iterations", "1", "--frame-warmup", "1", "--snapshot-every", "0")
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["config"]["rigid_cells"] == 2 and ckpt["config"]["model"]["rigid_cells"] == 2  # the default recipe
+    del ckpt["config"]["rigid_cells"], ckpt["config"]["model"]["rigid_cells"]  # as runs before the option wrote them
+    save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
+    assert load_generator(tmp_path / "checkpoint.pt")[0].cfg.rigid_cells == 0  # sampled as they were
+    assert load_generator(tmp_path / "checkpoint.pt", rigid_cells=2)[0].cfg.rigid_cells == 2  # or with the cells
+    run(tmp_path, "--iterations", "2", "--resume")
+    resumed = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert resumed["iteration"] == 2 and resumed["config"]["rigid_cells"] == 0
+    assert resumed["config"]["model"]["rigid_cells"] == 0
 
 
 def test_resume_refuses_a_checkpoint_with_an_averaged_generator(tmp_path, capsys):

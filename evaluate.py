@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from datasets import MovingDigits, folder_batches, to_unit_range, video_paths
 from models import fold_time, generated_batches, load_generator, sample_classes, sampling_mode, unfold_time
-from utils import (InputError, OneLineArgumentParser, add_rigid_cells_argument, first_line, pick_device, positive_int,
+from utils import (InputError, OneLineArgumentParser, add_sampling_arguments, first_line, pick_device, positive_int,
                    report_error)
 
 Stats = Tuple[np.ndarray, np.ndarray]  # (mu (D,), sigma (D, D))
@@ -1251,7 +1251,7 @@ def add_digits_parser(sub) -> argparse.ArgumentParser:
     opts.add_argument("--bn-mode", choices=("eval", "train"), default="eval",
                       help="generator BatchNorm at sampling time: running statistics (eval, default) or the "
                            "statistics of each --batch-size batch (train)")
-    add_rigid_cells_argument(opts)
+    add_sampling_arguments(opts)
     opts.add_argument("--classifier", metavar="PATH", default=str(DEFAULT_DIGIT_CLASSIFIER),
                       help="cached digit classifier: used when it matches this version's training settings, "
                            "else trained and written here (default %(default)s)")
@@ -1278,7 +1278,7 @@ def run_digits(args: argparse.Namespace) -> Dict[str, object]:
     progress = not args.quiet
     # cheap checks first: the classifier may need training
     if args.checkpoint:
-        gen, ckpt = load_generator(args.checkpoint, device, args.rigid_cells)
+        gen, ckpt = load_generator(args.checkpoint, device, args.rigid_cells, args.raw_weights)
         if args.level is not None and args.level > gen.n_levels:
             raise InputError(f"--level {args.level}: the generator has levels 1..{gen.n_levels}")
     elif args.videos:
@@ -1300,7 +1300,8 @@ def run_digits(args: argparse.Namespace) -> Dict[str, object]:
                                              args.bn_mode, args.level, args.n_real, args.real, args.classifier,
                                              DIGIT_CLASSIFIER_SETTINGS, progress)
         info.update(source=str(args.checkpoint), iteration=ckpt.get("iteration"), bn_mode=args.bn_mode,
-                    rigid_cells=gen.cfg.rigid_cells, seed=args.seed)
+                    rigid_cells=gen.cfg.rigid_cells, seed=args.seed,
+                    glyph_average="generator_average" in ckpt and not args.raw_weights)
     else:
         if args.videos:
             skipped: List[Path] = []
@@ -1330,7 +1331,8 @@ def format_digits(result: Dict[str, object]) -> str:
     source = f"{result['source']}: {result['n_samples']} clips"
     if "bn_mode" in result:
         source += (f" (iteration {result['iteration']}, BatchNorm {result['bn_mode']}, "
-                   f"rigid cells {result['rigid_cells']})")
+                   f"rigid cells {result['rigid_cells']}"
+                   + (", glyph average" if result.get("glyph_average") else "") + ")")
     if result.get("skipped"):
         source += f", {result['skipped']} unreadable skipped"
     lines = [f"{'score':<22}{'clips':>10}{'real':>10}"]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from models import generated_batches, load_generator, sample_classes
-from utils import (InputError, OneLineArgumentParser, add_rigid_cells_argument, make_grid, pick_device,
+from utils import (InputError, OneLineArgumentParser, add_sampling_arguments, make_grid, pick_device,
                    positive_float, positive_int, prepare_output_folder, report_error, to_uint8, write_video)
 
 FORMATS = ("gif", "mp4", "png", "npy")
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--level", type=positive_int, default=None,
                         help="level to render, 1 (coarsest) .. L (default L, full resolution)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents z (default 0)")
-    add_rigid_cells_argument(parser)
+    add_sampling_arguments(parser)
     parser.add_argument("--class", dest="class_", metavar="NAME|ID",
                         help="conditional checkpoints: generate this class (a name of the checkpoint's class list, "
                              "or its 0-based index); default: uniformly drawn classes")
@@ -101,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         device = pick_device(args.device)
-        gen, ckpt = load_generator(args.checkpoint, device, args.rigid_cells)
+        gen, ckpt = load_generator(args.checkpoint, device, args.rigid_cells, args.raw_weights)
         if args.level is not None and args.level > gen.n_levels:
             raise InputError(f"--level {args.level}: the generator has levels 1..{gen.n_levels}")
         classes = ckpt.get("config", {}).get("classes")

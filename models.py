@@ -430,6 +430,10 @@ def frame_labels(labels: Optional[torch.Tensor], n_frames: int) -> Optional[torc
     return None if labels is None else labels.repeat_interleave(n_frames)
 
 
+# A motion-warp generator's modules that draw each clip's glyphs (see Generator.glyph_state_keys).
+GLYPH_MODULES = ("fc", "content_blocks", "level_blocks", "renders")
+
+
 class Generator(nn.Module):
     """Multi-level TGANv2 generator.
 
@@ -544,6 +548,15 @@ class Generator(nn.Module):
             maps.append(block(maps[-1], labels))
         return maps
 
+    def glyph_state_keys(self) -> List[str]:
+        """For ``cfg.motion_warp``: the floating-point ``state_dict`` keys (weights and BatchNorm statistics) of
+        what draws the glyphs: z's projection, the content and level blocks and every render head.  The rest
+        (ConvLSTM, flow head) moves them."""
+        if not self.cfg.motion_warp:
+            raise ValueError("the glyph path exists only in a motion-warp generator (cfg.motion_warp)")
+        return [key for key, value in self.state_dict().items()
+                if key.split(".")[0] in GLYPH_MODULES and value.is_floating_point()]
+
     def still_frame_parameters(self) -> List[nn.Parameter]:
         """The parameters :meth:`still_frame` uses (z's projection, content and level blocks, last render head)."""
         modules = (self.fc, self.content_blocks, self.level_blocks, self.renders[-1])
@@ -638,11 +651,14 @@ class Generator(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def load_generator(path, device="cpu", rigid_cells: Optional[int] = None) -> Tuple[Generator, dict]:
+def load_generator(path, device="cpu", rigid_cells: Optional[int] = None,
+                   raw_weights: bool = False) -> Tuple[Generator, dict]:
     """Rebuild the generator of a training checkpoint or of a G-only snapshot, in eval mode.
 
-    Both hold ``generator`` and ``config``.  ``rigid_cells`` replaces the saved ``ModelConfig.rigid_cells``
-    (``None``: keep it; runs from before the setting have 0).  Returns ``(generator, checkpoint)``; a missing,
+    Both hold ``generator`` and ``config``, and ``generator_average`` when the run kept an average of the
+    glyph path (``--glyph-average``): those weights replace G's own unless ``raw_weights``.
+    ``rigid_cells`` replaces the saved ``ModelConfig.rigid_cells`` (``None``: keep it; runs from before the
+    setting have 0).  Returns ``(generator, checkpoint)``; a missing,
     unreadable or foreign file, or rigid cells for a generator without the motion warp, raises a one-line
     :class:`utils.InputError` naming ``path``.
     """
@@ -656,7 +672,8 @@ def load_generator(path, device="cpu", rigid_cells: Optional[int] = None) -> Tup
                 raise ValueError(f"--rigid-cells {rigid_cells} needs a motion-warp generator; this one has none")
             cfg.rigid_cells = rigid_cells
         gen = Generator(cfg).to(device)
-        load_weights(gen, ckpt["generator"], "generator")
+        average = {} if raw_weights else ckpt.get("generator_average", {})
+        load_weights(gen, {**ckpt["generator"], **average}, "generator")
     except (FileNotFoundError, KeyError, RuntimeError, TypeError, ValueError) as err:
         message = first_line(err)
         raise InputError(message if str(path) in message else f"{path}: {message}") from None

@@ -5,6 +5,7 @@ everything else (settings, flags, the GAN update, logging, samples, checkpoints,
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -23,8 +24,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets import ResumableBatchSampler, to_unit_range
-from models import (PRESETS, FrameDiscriminator, ModelConfig, build_models, convert_sync_batchnorm, count_parameters,
-                    fold_time, level_labels, load_weights, model_config, real_pyramid, sampling_mode)
+from models import (PRESETS, FrameDiscriminator, Generator, ModelConfig, build_models, convert_sync_batchnorm,
+                    count_parameters, fold_time, level_labels, load_weights, model_config, real_pyramid, sampling_mode)
 from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoardLog, all_reduce_mean_, append_jsonl,
                    average_gradients, broadcast_module, close_distributed, describe_os_error, discard_torn_checkpoint,
                    discriminator_loss, generator_loss, get_rng_state, init_distributed, int_list, last_good_checkpoint,
@@ -36,11 +37,11 @@ from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoa
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
                    "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
                    "split", "sync_bn", "recipe", "content_skip", "motion_warp", "frame_warmup",
-                   "frame_dis_weight", "frame_dis_group", "rigid_cells")
+                   "frame_dis_weight", "frame_dis_group", "rigid_cells", "glyph_average")
 
 # Settings added after runs were written, with the value those runs used (an older config.json or checkpoint lacks them).
 SETTINGS_ADDED_LATER = {"motion_warp": False, "frame_warmup": 0, "frame_dis_weight": 0.0, "frame_dis_group": 0,
-                        "rigid_cells": 0}
+                        "rigid_cells": 0, "glyph_average": 0.0}
 
 # Frame updates per batch in the frame warm-up: one update takes a tenth of a video step, so two halve the loading.
 FRAME_UPDATES_PER_BATCH = 2
@@ -58,9 +59,9 @@ AUTHORS_R1_WEIGHT, AUTHORS_BATCH = 0.5, 32
 AUTHORS_SETTINGS = dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9)
 RECIPES = {
     "paper": dict(AUTHORS_SETTINGS, content_skip=False, motion_warp=False, frame_warmup=0, frame_dis_weight=0.0,
-                  frame_dis_group=0, rigid_cells=0, gp_weight=AUTHORS_R1_WEIGHT),
+                  frame_dis_group=0, rigid_cells=0, glyph_average=0.0, gp_weight=AUTHORS_R1_WEIGHT),
     "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=3750, frame_dis_weight=0.1,
-                  frame_dis_group=4, rigid_cells=2),
+                  frame_dis_group=4, rigid_cells=2, glyph_average=0.995),
 }
 
 
@@ -72,9 +73,10 @@ def apply_recipe(config) -> None:
     """Fill every recipe-controlled setting left unset (``None``) from ``RECIPES[config.recipe]``.
 
     A recipe without ``gp_weight`` scales the authors' R1 weight by their batch over ``config.batch_size``.
-    A frame warm-up and rigid cells left unset are 0 without the motion warp (both exist only under it).
+    A frame warm-up, rigid cells and a glyph average left unset are 0 without the motion warp (they exist only
+    under it).
     """
-    warp_only = [key for key in ("frame_warmup", "rigid_cells") if getattr(config, key, None) is None]
+    warp_only = [key for key in ("frame_warmup", "rigid_cells", "glyph_average") if getattr(config, key, None) is None]
     for key, value in RECIPES[config.recipe].items():
         if getattr(config, key, None) is None:
             setattr(config, key, value)
@@ -110,6 +112,7 @@ class TrainConfig:
     frame_dis_weight: Optional[float] = None  # recipe
     frame_dis_group: Optional[int] = None  # recipe
     rigid_cells: Optional[int] = None  # recipe
+    glyph_average: Optional[float] = None  # recipe
     amp: Optional[str] = None  # recipe: "auto", "none" or "bf16"
     gp_weight: Optional[float] = None  # recipe
     lr_decay_start: int = -1
@@ -217,6 +220,12 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
                         "then carry it to each later frame by one displacement per cell of an N x N grid, the "
                         "ink-weighted mean of the flow's change since frame 0, so glyphs keep their shape; 0 = every "
                         "frame from its own flow; needs --motion-warp; paper: 0, tuned: 2 (recipe)")
+    p.add_argument("--glyph-average", type=unit_interval, metavar="DECAY",
+                   help="keep an exponential moving average of the weights that draw the glyphs (z's projection, "
+                        "content and level blocks, render heads; not the ConvLSTM or the flow head, which move "
+                        "them), updated after every iteration with this decay; sample grids, snapshots, "
+                        "--eval-every, generate.py and evaluate.py use it, checkpoints keep it and --resume "
+                        "continues it exactly; 0 = off; needs --motion-warp; paper: 0, tuned: 0.995 (recipe)")
     p.add_argument("--gp-weight", type=non_negative_float,
                    help="weight of the zero-centred R1 penalty on real data (lambda), a sum over each process's "
                         "batch; paper: 0.5, tuned: 16 / --batch-size, the authors' 0.5 x 32 per sample (recipe)")
@@ -361,6 +370,16 @@ class Trainer:
         if config.frame_warmup:
             self.still_params = self.gen.still_frame_parameters()
             self.lower_head_params = [p for head in self.gen.renders[:-1] for p in head.parameters()]
+        if config.glyph_average and not cfg.motion_warp:
+            raise ValueError("--glyph-average needs a motion-warp generator (--motion-warp)")
+        self.gen_average = None
+        if config.glyph_average:
+            # The sampling copy of G: its glyph path holds the average, its other weights are copied from G when used.
+            self.gen_average = copy.deepcopy(self.gen).requires_grad_(False)
+            self.average_keys = keys = self.gen.glyph_state_keys()
+            ours, averaged = self.gen.state_dict(), self.gen_average.state_dict()
+            self.average_pairs = ([averaged[k] for k in keys], [ours[k] for k in keys])
+            self.copied_pairs = [(averaged[k], v) for k, v in ours.items() if k not in keys]
         self.iteration = 0
         self.amp = resolve_amp(config.amp, device)
         bf16 = self.amp == "bf16"
@@ -397,6 +416,7 @@ class Trainer:
             raise ValueError("labels are needed by a conditional model and only by one")
         if self.iteration < self.config.frame_warmup:
             frame_losses = [self.frame_step(x_real) for _ in range(FRAME_UPDATES_PER_BATCH)]
+            self.update_average()
             return {"loss_frame_d": torch.stack(frame_losses).mean()}
         if self.channels_last:
             x_real = x_real.contiguous(memory_format=torch.channels_last_3d)
@@ -441,7 +461,34 @@ class Trainer:
             real_frames = fold_time(real[-1].detach()).requires_grad_(True)
             frame_losses["loss_frame_d"] = self.update_frame_dis(real_frames, fake_frames.detach())
         losses = {"loss_g": loss_g, "loss_d": loss_adv, "r1": r1, **frame_losses}
+        self.update_average()
         return {name: value.detach() for name, value in losses.items()}
+
+    @torch.no_grad()
+    def update_average(self) -> None:
+        """With ``--glyph-average d``: each averaged tensor ``a`` of the glyph path moves to ``d * a + (1 - d) * w``,
+        ``w`` G's tensor after this iteration."""
+        if self.gen_average is not None:
+            torch._foreach_lerp_(*self.average_pairs, 1.0 - self.config.glyph_average)
+
+    @torch.no_grad()
+    def sampling_generator(self) -> Generator:
+        """The generator that sample grids, snapshots and evaluations use: G itself, or with ``--glyph-average``
+        its copy that holds the glyph path's average and, copied now, G's other weights (ConvLSTM, flow head)."""
+        if self.gen_average is None:
+            return self.gen
+        for averaged, ours in self.copied_pairs:
+            averaged.copy_(ours)
+        return self.gen_average
+
+    def generator_state(self) -> dict:
+        """``generator``: G's weights; with ``--glyph-average`` also ``generator_average``, the glyph path's average
+        (:func:`models.load_generator` puts it in place of G's own)."""
+        state = {"generator": self.gen.state_dict()}
+        if self.gen_average is not None:
+            averaged = self.gen_average.state_dict()
+            state["generator_average"] = {k: averaged[k] for k in self.average_keys}
+        return state
 
     def frame_step(self, x_real: torch.Tensor) -> torch.Tensor:
         """One update of the frame discriminator, then one of G's still frames against it.
@@ -490,7 +537,7 @@ class Trainer:
         return loss_adv.detach()
 
     def state_dict(self) -> dict:
-        state = {"generator": self.gen.state_dict(), "discriminator": self.dis.state_dict(),
+        state = {**self.generator_state(), "discriminator": self.dis.state_dict(),
                  "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()}
         if self.frame_dis is not None:
             state.update(frame_discriminator=self.frame_dis.state_dict(), opt_frame=self.opt_frame.state_dict())
@@ -498,6 +545,9 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         load_weights(self.gen, state["generator"], "generator")
+        if self.gen_average is not None:  # a checkpoint without an average (none kept yet) starts it at G's weights
+            load_weights(self.gen_average, {**state["generator"], **state.get("generator_average", {})},
+                         "generator average")
         load_weights(self.dis, state["discriminator"], "discriminator")
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
@@ -638,11 +688,14 @@ def check_clip_geometry(config: TrainConfig) -> None:
 
 
 def check_warp_settings(config: TrainConfig) -> None:
-    """Still frames and rigid cells exist only in a motion-warp generator: ``--frame-warmup`` > 0 and
-    ``--rigid-cells`` > 0 need ``--motion-warp``."""
+    """Still frames, a glyph average and rigid cells exist only in a motion-warp generator: ``--frame-warmup``,
+    ``--glyph-average`` and ``--rigid-cells`` above 0 need ``--motion-warp``."""
     if config.frame_warmup and not config.motion_warp:
         raise InputError(f"--frame-warmup {config.frame_warmup}: still frames need the motion warp; add "
                          "--motion-warp or pass --frame-warmup 0")
+    if config.glyph_average and not config.motion_warp:
+        raise InputError(f"--glyph-average {config.glyph_average}: the glyph path exists only in a motion-warp "
+                         "generator; add --motion-warp or pass --glyph-average 0")
     if config.rigid_cells and not config.motion_warp:
         raise InputError(f"--rigid-cells {config.rigid_cells}: rigid cells carry a motion-warp generator's frame 0; "
                          "add --motion-warp or pass --rigid-cells 0")
@@ -770,6 +823,8 @@ def build_trainer(config: TrainConfig, n_classes: int, device: torch.device, ran
     trainer = Trainer(cfg, config, device)
     broadcast_module(trainer.gen)
     broadcast_module(trainer.dis)
+    if trainer.gen_average is not None:
+        broadcast_module(trainer.gen_average)
     seed_everything(config.seed + 1_000_003 * rank)  # different latents and offsets per process
     return trainer
 
@@ -880,8 +935,9 @@ class Run:
         if not self.is_main:
             return
         trainer = self.trainer
-        with sampling_mode(trainer.gen), torch.no_grad(), trainer.autocast():
-            path = self.gen_samples(trainer.gen, self.fixed_z, iteration, self.out, self.fixed_labels,
+        gen = trainer.sampling_generator()
+        with sampling_mode(gen), torch.no_grad(), trainer.autocast():
+            path = self.gen_samples(gen, self.fixed_z, iteration, self.out, self.fixed_labels,
                                     n_frames=trainer.cfg.n_frames)
         if self.board is not None and path is not None and Path(path).suffix == ".gif":
             self.board.gif("samples", path, iteration)
@@ -892,11 +948,12 @@ class Run:
             return
         from evaluate import digit_metrics_for_generator, evaluate_generator
 
+        gen = self.trainer.sampling_generator()
         if self.config.eval_metric == "digits":
-            scores = digit_metrics_for_generator(self.trainer.gen, n_samples=self.config.eval_samples,
+            scores = digit_metrics_for_generator(gen, n_samples=self.config.eval_samples,
                                                  n_frames=self.trainer.cfg.n_frames, seed=self.config.seed)
         else:
-            scores = evaluate_generator(self.trainer.gen, self.eval_models, n_samples=self.config.eval_samples,
+            scores = evaluate_generator(gen, self.eval_models, n_samples=self.config.eval_samples,
                                         n_frames=self.trainer.cfg.n_frames, seed=self.config.seed)
         record = {"iteration": iteration, **{k: v for k, v in scores.items() if not k.endswith("_runs")}}
         self.write_metrics(record)
@@ -904,9 +961,9 @@ class Run:
         tqdm.write(f"iteration {iteration}: " + ", ".join(f"{k} {record[k]:.3f}" for k in shown if k in record))
 
     def snapshot(self, iteration: int) -> None:
-        """``OUT/snapshots/snapshot_XXXXXX.pt``: G's weights, the iteration and the config."""
+        """``OUT/snapshots/snapshot_XXXXXX.pt``: G's weights (and their glyph average), the iteration and the config."""
         if self.is_main:
-            state = {"generator": self.trainer.gen.state_dict(), "iteration": iteration, "config": self.record}
+            state = {**self.trainer.generator_state(), "iteration": iteration, "config": self.record}
             save_checkpoint(state, self.out / "snapshots" / f"snapshot_{iteration:06d}.pt", keep_previous=False)
 
     def checkpoint(self, iteration: int) -> None:

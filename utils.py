@@ -70,13 +70,17 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def add_rigid_cells_argument(parser) -> None:
-    """``--rigid-cells N`` for the sampling scripts: overrides the checkpoint's ``ModelConfig.rigid_cells``."""
+def add_sampling_arguments(parser) -> None:
+    """``--rigid-cells N`` and ``--raw-weights`` for the sampling scripts: they override the checkpoint's
+    ``ModelConfig.rigid_cells`` and drop its glyph-path average (see :func:`models.load_generator`)."""
     parser.add_argument("--rigid-cells", type=non_negative_int, default=None, metavar="N",
                         help="motion-warp checkpoints: draw frame 0 with its flow, then carry it to each later frame "
                              "by one displacement per cell of an N x N grid, so glyphs keep their shape; 0 = every "
                              "frame from its own flow (default: the checkpoint's setting, 2 for runs of the tuned "
                              "recipe since it was added, 0 before)")
+    parser.add_argument("--raw-weights", action="store_true",
+                        help="use G's trained weights even where the run kept an average of the glyph path "
+                             "(--glyph-average, on in the tuned recipe), which is used by default")
 
 
 def positive_float(text: str) -> float:
@@ -94,7 +98,7 @@ def non_negative_float(text: str) -> float:
 
 
 def unit_interval(text: str) -> float:
-    """A number in ``[0, 1)``: Adam's betas."""
+    """A number in ``[0, 1)``: Adam's betas, an average's decay."""
     value = float(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")

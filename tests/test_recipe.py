@@ -165,6 +165,41 @@ def test_rigid_cells_come_with_the_tuned_recipe_and_the_warp():
     assert trainer.build_trainer(config, 0, torch.device("cpu"), 0).gen.cfg.rigid_cells == 3  # G samples with it
 
 
+def test_glyph_average_comes_with_the_tuned_recipe_and_the_warp():
+    assert parse().glyph_average == 0.995 and parse("--recipe", "paper").glyph_average == 0.0
+    assert parse("--no-motion-warp").glyph_average == 0.0  # unset: no glyph path without the warp
+    assert parse("--glyph-average", "0").glyph_average == 0.0 and parse("--glyph-average", "0.9").glyph_average == 0.9
+    paper = trainer.build_trainer(parse("--recipe", "paper", "--batch-size", "2", "--no-sync-bn"), 0,
+                                  torch.device("cpu"), 0)
+    assert paper.gen_average is None and paper.sampling_generator() is paper.gen
+    assert "generator_average" not in paper.state_dict()
+
+
+def test_glyph_average_follows_the_glyph_path_and_samples_with_g_s_motion():
+    torch.manual_seed(0)
+    config = trainer.TrainConfig(batch_size=2, sync_bn=False, frame_warmup=1, glyph_average=0.75)
+    t = trainer.Trainer(model_config("movingmnist", n_frames=8, motion_warp=True), config, torch.device("cpu"))
+    glyph = set(t.gen.glyph_state_keys())
+    assert "fc.weight" in glyph and "renders.0.conv.weight" in glyph and "content_blocks.0.bn1.running_mean" in glyph
+    assert not any(k.startswith(("clstm", "flow_head")) or k.endswith("num_batches_tracked") for k in glyph)
+    x = torch.rand(2, 1, 8, 64, 64) * 2 - 1
+    average = {k: v.clone() for k, v in t.gen.state_dict().items()}  # it starts at G's initial weights
+    for iteration in range(2):  # a still-frame update, then a video update; both move the average
+        t.set_iteration(iteration)
+        t.step(x)
+        state = t.gen.state_dict()
+        assert any(not torch.equal(average[k], state[k]) for k in glyph)
+        for k in glyph:  # 0.75 of the average before the step, 0.25 of G's weights after it
+            torch.testing.assert_close(t.gen_average.state_dict()[k], average[k] * 0.75 + state[k] * 0.25)
+        average = {k: v.clone() for k, v in t.gen_average.state_dict().items()}
+    sampler = t.sampling_generator().state_dict()
+    assert torch.equal(sampler["clstm.input_convs.0.weight"], state["clstm.input_convs.0.weight"])
+    assert torch.equal(sampler["flow_head.weight"], state["flow_head.weight"])  # G's motion, as trained ...
+    assert not torch.equal(sampler["flow_head.weight"], average["flow_head.weight"])  # ... copied when sampling
+    assert not torch.equal(sampler["fc.weight"], state["fc.weight"])  # the glyphs' average
+    assert set(t.state_dict()["generator_average"]) == glyph
+
+
 def test_frame_discriminator_weight_comes_with_the_tuned_recipe():
     assert parse().frame_dis_weight == 0.1 and parse("--recipe", "paper").frame_dis_weight == 0.0
     assert parse("--frame-dis-weight", "0").frame_dis_weight == 0.0

@@ -283,6 +283,7 @@ def test_bad_moving_mnist_files_are_one_line(tmp_path, capsys, array, expected):
     (["--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
     (["--no-motion-warp", "--frame-warmup", "2"], "--frame-warmup 2: still frames need the motion warp"),
     (["--no-motion-warp", "--rigid-cells", "2"], "--rigid-cells 2: rigid cells carry a motion-warp generator's frame 0"),
+    (["--no-motion-warp", "--glyph-average", "0.9"], "--glyph-average 0.9: the glyph path exists only in a motion-warp"),
 ])
 def test_bad_training_flags_are_one_line(tmp_path, capsys, flags, expected):
     assert expected in train_fails(capsys, tmp_path, "--iterations", "1", *flags)
@@ -290,7 +291,8 @@ def test_bad_training_flags_are_one_line(tmp_path, capsys, flags, expected):
 
 @pytest.mark.parametrize("flag, value", [("--lr-g", "-1"), ("--lr-d", "nan"), ("--workers", "-1"),
                                          ("--beta2", "1.5"), ("--gp-weight", "-0.5"),
-                                         ("--frame-dis-weight", "-1"), ("--rigid-cells", "-1")])
+                                         ("--frame-dis-weight", "-1"), ("--rigid-cells", "-1"),
+                                         ("--glyph-average", "1")])
 def test_out_of_range_numbers_name_the_flag(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
         train(tmp_path, "--iterations", "1", flag, value)

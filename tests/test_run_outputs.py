@@ -147,6 +147,18 @@ def test_runs_from_before_rigid_cells_resume_and_sample_without_them(tmp_path):
     assert resumed["config"]["model"]["rigid_cells"] == 0
 
 
+def test_runs_from_before_the_glyph_average_resume_without_it(tmp_path):
+    run(tmp_path, "--iterations", "1", "--frame-warmup", "1", "--glyph-average", "0", "--snapshot-every", "0")
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert "generator_average" not in ckpt
+    del ckpt["config"]["glyph_average"]  # as runs before the option wrote them
+    save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
+    run(tmp_path, "--iterations", "2", "--resume")  # the default recipe keeps an average, this run kept none
+    resumed = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert resumed["iteration"] == 2 and resumed["config"]["glyph_average"] == 0.0
+    assert "generator_average" not in resumed
+
+
 def test_resume_refuses_a_checkpoint_with_an_averaged_generator(tmp_path, capsys):
     run(tmp_path, "--iterations", "1")
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
@@ -168,9 +180,17 @@ def test_generate_and_evaluate_load_a_snapshot_like_a_checkpoint(tmp_path, capsy
     for name, source in (("snap", snapshot), ("full", checkpoint)):
         assert generate.main(["--checkpoint", str(source), "--out", str(tmp_path / name), *flags]) == 0
     assert "iteration 2 of" in capsys.readouterr().out
-    snap, full = (np.load(tmp_path / name / "video_0000.npy") for name in ("snap", "full"))
-    np.testing.assert_array_equal(snap, full)  # the snapshot holds the checkpoint's generator
-    assert set(load_checkpoint(snapshot)) == {"generator", "iteration", "config"}
+    assert generate.main(["--checkpoint", str(snapshot), "--out", str(tmp_path / "raw"), "--raw-weights", *flags]) == 0
+    assert "iteration 2 of" in capsys.readouterr().out
+    snap, full, raw = (np.load(tmp_path / name / "video_0000.npy") for name in ("snap", "full", "raw"))
+    np.testing.assert_array_equal(snap, full)  # the snapshot holds the checkpoint's generator and its average
+    assert not np.array_equal(snap, raw)  # the glyph average (the tuned recipe's) draws other glyphs than G's own
+    saved = load_checkpoint(snapshot)
+    assert set(saved) == {"generator", "generator_average", "iteration", "config"}
+    averaged, trained = load_generator(snapshot)[0].state_dict(), load_generator(snapshot, raw_weights=True)[0].state_dict()
+    for key, value in saved["generator"].items():
+        torch.testing.assert_close(trained[key], value)
+        torch.testing.assert_close(averaged[key], saved["generator_average"].get(key, value))
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in torch 2.14

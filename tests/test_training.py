@@ -60,7 +60,8 @@ def test_resume_is_exact(tmp_path):
     a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
     assert a["iteration"] == b["iteration"] == 4
-    for key in ("generator", "discriminator", "frame_discriminator"):
+    assert not torch.equal(a["generator_average"]["fc.weight"], a["generator"]["fc.weight"])  # the tuned recipe's
+    for key in ("generator", "generator_average", "discriminator", "frame_discriminator"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
     for key in ("opt_d", "opt_frame"):

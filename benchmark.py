@@ -374,9 +374,10 @@ def measure_speed(preset: str = "movingmnist", batch_size: int = 8, device: str 
     cfg = model_config(preset, subsample_frames=subsample_frames, subsample_batch=subsample_batch,
                        motion_warp=motion_warp)
     # Video iterations only: the frame warm-up's cheap still-frame iterations are not the steady state.
-    # The default recipe's frame discriminator (its weight left to the recipe) comes with its generator only.
+    # The default recipe's frame discriminator and glyph average (left to the recipe) come with its generator only.
     config = TrainConfig(amp=amp, iterations=steps + warmup, sync_bn=False, compile=compile,
-                         channels_last=channels_last, frame_warmup=0, frame_dis_weight=None if motion_warp else 0.0)
+                         channels_last=channels_last, frame_warmup=0, frame_dis_weight=None if motion_warp else 0.0,
+                         glyph_average=None if motion_warp else 0.0)
     flops = step_flops(cfg, config, batch_size)
     torch.manual_seed(0)
     trainer = Trainer(cfg, config, device)

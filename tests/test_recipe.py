@@ -219,7 +219,7 @@ def video_step(frame_dis_weight, motion_warp=True, n_frames=16):
     """One video iteration of a fresh seeded trainer on clips ``x``: (trainer, losses, frame D's inputs, x)."""
     torch.manual_seed(0)
     config = trainer.TrainConfig(batch_size=2, sync_bn=False, channels_last=False, frame_warmup=0,
-                                 frame_dis_weight=frame_dis_weight)
+                                 frame_dis_weight=frame_dis_weight, glyph_average=0.0)
     cfg = model_config("movingmnist", n_frames=n_frames, content_skip=True, motion_warp=motion_warp)
     t = trainer.Trainer(cfg, config, torch.device("cpu"))
     inputs = []

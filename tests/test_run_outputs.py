@@ -187,7 +187,8 @@ def test_generate_and_evaluate_load_a_snapshot_like_a_checkpoint(tmp_path, capsy
     assert not np.array_equal(snap, raw)  # the glyph average (the tuned recipe's) draws other glyphs than G's own
     saved = load_checkpoint(snapshot)
     assert set(saved) == {"generator", "generator_average", "iteration", "config"}
-    averaged, trained = load_generator(snapshot)[0].state_dict(), load_generator(snapshot, raw_weights=True)[0].state_dict()
+    averaged = load_generator(snapshot)[0].state_dict()
+    trained = load_generator(snapshot, raw_weights=True)[0].state_dict()
     for key, value in saved["generator"].items():
         torch.testing.assert_close(trained[key], value)
         torch.testing.assert_close(averaged[key], saved["generator_average"].get(key, value))

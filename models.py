@@ -651,6 +651,12 @@ class Generator(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def averaged_generator_state(state: dict) -> dict:
+    """G's saved weights (``state["generator"]``) with the glyph-path average put in place, where ``state`` holds one
+    (``generator_average``, written by ``--glyph-average``)."""
+    return {**state["generator"], **state.get("generator_average", {})}
+
+
 def load_generator(path, device="cpu", rigid_cells: Optional[int] = None,
                    raw_weights: bool = False) -> Tuple[Generator, dict]:
     """Rebuild the generator of a training checkpoint or of a G-only snapshot, in eval mode.
@@ -672,8 +678,7 @@ def load_generator(path, device="cpu", rigid_cells: Optional[int] = None,
                 raise ValueError(f"--rigid-cells {rigid_cells} needs a motion-warp generator; this one has none")
             cfg.rigid_cells = rigid_cells
         gen = Generator(cfg).to(device)
-        average = {} if raw_weights else ckpt.get("generator_average", {})
-        load_weights(gen, {**ckpt["generator"], **average}, "generator")
+        load_weights(gen, ckpt["generator"] if raw_weights else averaged_generator_state(ckpt), "generator")
     except (FileNotFoundError, KeyError, RuntimeError, TypeError, ValueError) as err:
         message = first_line(err)
         raise InputError(message if str(path) in message else f"{path}: {message}") from None

@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets import ResumableBatchSampler, to_unit_range
-from models import (PRESETS, FrameDiscriminator, Generator, ModelConfig, build_models, convert_sync_batchnorm,
-                    count_parameters, fold_time, level_labels, load_weights, model_config, real_pyramid, sampling_mode)
+from models import (PRESETS, FrameDiscriminator, Generator, ModelConfig, averaged_generator_state, build_models,
+                    convert_sync_batchnorm, count_parameters, fold_time, level_labels, load_weights, model_config,
+                    real_pyramid, sampling_mode)
 from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoardLog, all_reduce_mean_, append_jsonl,
                    average_gradients, broadcast_module, close_distributed, describe_os_error, discard_torn_checkpoint,
                    discriminator_loss, generator_loss, get_rng_state, init_distributed, int_list, last_good_checkpoint,
@@ -546,8 +547,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         load_weights(self.gen, state["generator"], "generator")
         if self.gen_average is not None:  # a checkpoint without an average (none kept yet) starts it at G's weights
-            load_weights(self.gen_average, {**state["generator"], **state.get("generator_average", {})},
-                         "generator average")
+            load_weights(self.gen_average, averaged_generator_state(state), "generator average")
         load_weights(self.dis, state["discriminator"], "discriminator")
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])

@@ -313,8 +313,8 @@ def test_minibatch_deviation_is_each_group_s_spread_given_to_its_members():
     h[4] = h[0]  # samples 0 and 4 form a group of 2 (i mod 4)
     dev = minibatch_deviation(h, 2)
     assert dev.shape == (8, 1, 2, 2) and torch.all(dev == dev[:, :, :1, :1])  # one value per sample, every position
-    expected = [h[[i, i + 4]].std(0, unbiased=False).mean() for i in range(4)]
-    assert torch.allclose(dev[:4, 0, 0, 0], torch.stack(expected), atol=1e-4)
+    expected = [(h[[i, i + 4]].var(0, unbiased=False) + 1e-8).sqrt().mean() for i in range(4)]  # with the 1e-8 floor
+    assert torch.allclose(dev[:4, 0, 0, 0], torch.stack(expected), atol=1e-6)
     assert torch.equal(dev[:4], dev[4:]) and dev[0].max() < 1e-3  # alike frames: no spread
     assert minibatch_deviation(torch.randn(6, 3, 2, 2), 4).shape == (6, 1, 2, 2)  # groups of 3: 4 does not divide 6
     assert torch.allclose(minibatch_deviation(h[:1], 4), torch.full((1, 1, 2, 2), 1e-4))  # a group of one

@@ -38,11 +38,11 @@ from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoa
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
                    "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
                    "split", "sync_bn", "recipe", "content_skip", "motion_warp", "frame_warmup",
-                   "frame_dis_weight", "frame_dis_group", "rigid_cells", "glyph_average")
+                   "warmup_lr", "frame_dis_weight", "frame_dis_group", "rigid_cells", "glyph_average")
 
 # Settings added after runs were written, with the value those runs used (an older config.json or checkpoint lacks them).
-SETTINGS_ADDED_LATER = {"motion_warp": False, "frame_warmup": 0, "frame_dis_weight": 0.0, "frame_dis_group": 0,
-                        "rigid_cells": 0, "glyph_average": 0.0}
+SETTINGS_ADDED_LATER = {"motion_warp": False, "frame_warmup": 0, "warmup_lr": 0.0, "frame_dis_weight": 0.0,
+                        "frame_dis_group": 0, "rigid_cells": 0, "glyph_average": 0.0}
 
 # Frame updates per batch in the frame warm-up: one update takes a tenth of a video step, so two halve the loading.
 FRAME_UPDATES_PER_BATCH = 2
@@ -59,10 +59,11 @@ AUTHORS_R1_WEIGHT, AUTHORS_BATCH = 0.5, 32
 # The authors' optimiser and precision; `tuned` measured other values of each and kept these.
 AUTHORS_SETTINGS = dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9)
 RECIPES = {
-    "paper": dict(AUTHORS_SETTINGS, content_skip=False, motion_warp=False, frame_warmup=0, frame_dis_weight=0.0,
-                  frame_dis_group=0, rigid_cells=0, glyph_average=0.0, gp_weight=AUTHORS_R1_WEIGHT),
-    "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=3750, frame_dis_weight=0.1,
-                  frame_dis_group=4, rigid_cells=2, glyph_average=0.995),
+    "paper": dict(AUTHORS_SETTINGS, content_skip=False, motion_warp=False, frame_warmup=0, warmup_lr=0.0,
+                  frame_dis_weight=0.0, frame_dis_group=0, rigid_cells=0, glyph_average=0.0,
+                  gp_weight=AUTHORS_R1_WEIGHT),
+    "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=3750, warmup_lr=2e-4,
+                  frame_dis_weight=0.1, frame_dis_group=4, rigid_cells=2, glyph_average=0.995),
 }
 
 
@@ -110,6 +111,7 @@ class TrainConfig:
     content_skip: Optional[bool] = None  # recipe
     motion_warp: Optional[bool] = None  # recipe
     frame_warmup: Optional[int] = None  # recipe
+    warmup_lr: Optional[float] = None  # recipe: 0 = lr_g and lr_d
     frame_dis_weight: Optional[float] = None  # recipe
     frame_dis_group: Optional[int] = None  # recipe
     rigid_cells: Optional[int] = None  # recipe
@@ -207,6 +209,9 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
                         "motion), two updates per batch against a 2-D discriminator on single real frames, and fit "
                         "the lower render heads to them, down-sampled; the video iterations follow, up to "
                         "--iterations; needs --motion-warp; paper: 0, tuned: 3750 (recipe)")
+    p.add_argument("--warmup-lr", type=non_negative_float,
+                   help="Adam learning rate of G and the frame discriminator during the frame warm-up; 0 = "
+                        "--lr-g and --lr-d; paper: 0 (no warm-up), tuned: 2e-4 (recipe)")
     p.add_argument("--frame-dis-weight", type=non_negative_float,
                    help="in the video iterations a 2-D frame discriminator (the frame warm-up's) judges every frame "
                         "of the last level against the real clips' frames, with R1, one update per iteration; G's "
@@ -387,18 +392,20 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
 
     def set_iteration(self, iteration: int) -> None:
-        """Prepare the update of 0-based ``iteration``: learning rates and Adam's epsilon."""
+        """Prepare the update of 0-based ``iteration``: learning rates (``warmup_lr`` for G and the frame
+        discriminator in the frame warm-up) and Adam's epsilon."""
         a = self.config
         self.iteration = iteration
         # Chainer's eps on sqrt(v) before bias correction equals eps / sqrt(1 - beta2^t) after it.
         eps = CHAINER_ADAM_EPS / math.sqrt(1.0 - a.beta2 ** (iteration + 1)) if a.beta2 < 1 else CHAINER_ADAM_EPS
-        for opt, base in ((self.opt_g, a.lr_g), (self.opt_d, a.lr_d)):
+        warmup_lr = a.warmup_lr if iteration < a.frame_warmup else 0.0  # 0: the video iterations' rates
+        for opt, base in ((self.opt_g, warmup_lr or a.lr_g), (self.opt_d, a.lr_d)):
             for group in opt.param_groups:
                 group["lr"] = linear_decay(base, iteration, a.lr_decay_start, a.iterations)
                 group["eps"] = eps
         if self.opt_frame is not None:
             for group in self.opt_frame.param_groups:
-                group["lr"] = linear_decay(a.lr_d, iteration, a.lr_decay_start, a.iterations)
+                group["lr"] = linear_decay(warmup_lr or a.lr_d, iteration, a.lr_decay_start, a.iterations)
 
     def step(self, x_real: torch.Tensor, labels: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
              fake_labels: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:

@@ -124,6 +124,23 @@ def test_frame_warmup_comes_with_the_warp_and_needs_it():
     assert parse("--recipe", "paper", "--motion-warp", "--frame-warmup", "3").frame_warmup == 3
 
 
+def test_the_frame_warmup_has_its_own_learning_rate_and_the_video_iterations_the_usual_ones():
+    assert parse().warmup_lr == 2e-4 and parse("--recipe", "paper").warmup_lr == 0
+    assert parse("--warmup-lr", "5e-4").warmup_lr == 5e-4
+    config = trainer.TrainConfig(batch_size=2, sync_bn=False, channels_last=False, frame_warmup=2)
+    cfg = model_config("movingmnist", n_frames=8, content_skip=True, motion_warp=True)
+    trained = trainer.Trainer(cfg, config, torch.device("cpu"))
+
+    def rates(iteration):
+        trained.set_iteration(iteration)
+        return [opt.param_groups[0]["lr"] for opt in (trained.opt_g, trained.opt_d, trained.opt_frame)]
+
+    assert rates(0) == rates(1) == [2e-4, 1e-4, 2e-4]  # G's still frames and the frame D; video D waits
+    assert rates(2) == [1e-4, 1e-4, 1e-4]
+    config.warmup_lr = 0.0
+    assert rates(0) == [1e-4, 1e-4, 1e-4]
+
+
 def test_frame_warmup_moves_only_what_draws_still_frames_and_the_lower_heads_then_hands_over():
     torch.manual_seed(0)
     config = trainer.TrainConfig(batch_size=2, sync_bn=False, channels_last=False, frame_warmup=1)

@@ -122,6 +122,18 @@ def test_runs_from_before_the_frame_discriminator_weight_resume_without_it(tmp_p
     assert last["iteration"] == 3 and "loss_g" in last and "loss_frame_g" not in last
 
 
+def test_runs_from_before_the_warmup_learning_rate_resume_with_the_video_rates(tmp_path):
+    run(tmp_path, "--iterations", "1", "--frame-warmup", "3", "--snapshot-every", "0")
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["lr_g"] == 2e-4
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    del ckpt["config"]["warmup_lr"]  # as runs before the option wrote it
+    save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
+    run(tmp_path, "--iterations", "2", "--resume")  # still in the warm-up, at the rate that run had
+    resumed = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert resumed["iteration"] == 2 and resumed["config"]["warmup_lr"] == 0.0
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["lr_g"] == 1e-4
+
+
 def test_runs_from_before_the_deviation_channel_resume_without_it(tmp_path):
     run(tmp_path, "--iterations", "1", "--frame-warmup", "1", "--frame-dis-group", "0", "--snapshot-every", "0")
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")

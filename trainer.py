@@ -75,10 +75,11 @@ def apply_recipe(config) -> None:
     """Fill every recipe-controlled setting left unset (``None``) from ``RECIPES[config.recipe]``.
 
     A recipe without ``gp_weight`` scales the authors' R1 weight by their batch over ``config.batch_size``.
-    A frame warm-up, rigid cells and a glyph average left unset are 0 without the motion warp (they exist only
-    under it).
+    A frame warm-up (and its learning rate), rigid cells and a glyph average left unset are 0 without the motion
+    warp (they exist only under it).
     """
-    warp_only = [key for key in ("frame_warmup", "rigid_cells", "glyph_average") if getattr(config, key, None) is None]
+    warp_only = [key for key in ("frame_warmup", "warmup_lr", "rigid_cells", "glyph_average")
+                 if getattr(config, key, None) is None]
     for key, value in RECIPES[config.recipe].items():
         if getattr(config, key, None) is None:
             setattr(config, key, value)

@@ -126,7 +126,7 @@ def test_frame_warmup_comes_with_the_warp_and_needs_it():
 
 def test_the_frame_warmup_has_its_own_learning_rate_and_the_video_iterations_the_usual_ones():
     assert parse().warmup_lr == 2e-4 and parse("--recipe", "paper").warmup_lr == 0
-    assert parse("--warmup-lr", "5e-4").warmup_lr == 5e-4
+    assert parse("--warmup-lr", "5e-4").warmup_lr == 5e-4 and parse("--no-motion-warp").warmup_lr == 0  # no warm-up
     config = trainer.TrainConfig(batch_size=2, sync_bn=False, channels_last=False, frame_warmup=2)
     cfg = model_config("movingmnist", n_frames=8, content_skip=True, motion_warp=True)
     trained = trainer.Trainer(cfg, config, torch.device("cpu"))

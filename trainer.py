@@ -62,7 +62,7 @@ RECIPES = {
     "paper": dict(AUTHORS_SETTINGS, content_skip=False, motion_warp=False, frame_warmup=0, warmup_lr=0.0,
                   frame_dis_weight=0.0, frame_dis_group=0, rigid_cells=0, glyph_average=0.0,
                   gp_weight=AUTHORS_R1_WEIGHT),
-    "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=3750, warmup_lr=2e-4,
+    "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=6250, warmup_lr=2e-4,
                   frame_dis_weight=0.1, frame_dis_group=4, rigid_cells=2, glyph_average=0.995),
 }
 
@@ -209,7 +209,7 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
                    help="the first N iterations train only G's still frames (each clip's map rendered without "
                         "motion), two updates per batch against a 2-D discriminator on single real frames, and fit "
                         "the lower render heads to them, down-sampled; the video iterations follow, up to "
-                        "--iterations; needs --motion-warp; paper: 0, tuned: 3750 (recipe)")
+                        "--iterations; needs --motion-warp; paper: 0, tuned: 6250 (recipe)")
     p.add_argument("--warmup-lr", type=non_negative_float,
                    help="Adam learning rate of G and the frame discriminator during the frame warm-up; 0 = "
                         "--lr-g and --lr-d; paper: 0 (no warm-up), tuned: 2e-4 (recipe)")

@@ -118,7 +118,7 @@ def test_eval_every_adds_digit_scores_to_metrics(tmp_path, monkeypatch):
 
 
 def test_frame_warmup_comes_with_the_warp_and_needs_it():
-    assert parse().frame_warmup == 3750 and parse("--recipe", "paper").frame_warmup == 0
+    assert parse().frame_warmup == 6250 and parse("--recipe", "paper").frame_warmup == 0
     assert parse("--no-motion-warp").frame_warmup == 0  # unset: no still frames without the warp
     assert parse("--frame-warmup", "0").frame_warmup == 0 and parse("--frame-warmup", "7").frame_warmup == 7
     assert parse("--recipe", "paper", "--motion-warp", "--frame-warmup", "3").frame_warmup == 3

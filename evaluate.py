@@ -1278,7 +1278,8 @@ def run_digits(args: argparse.Namespace) -> Dict[str, object]:
     progress = not args.quiet
     # cheap checks first: the classifier may need training
     if args.checkpoint:
-        gen, ckpt = load_generator(args.checkpoint, device, args.rigid_cells, args.raw_weights)
+        gen, ckpt = load_generator(args.checkpoint, device, args.rigid_cells, args.raw_weights,
+                                   args.still_first_frame)
         if args.level is not None and args.level > gen.n_levels:
             raise InputError(f"--level {args.level}: the generator has levels 1..{gen.n_levels}")
     elif args.videos:
@@ -1300,7 +1301,7 @@ def run_digits(args: argparse.Namespace) -> Dict[str, object]:
                                              args.bn_mode, args.level, args.n_real, args.real, args.classifier,
                                              DIGIT_CLASSIFIER_SETTINGS, progress)
         info.update(source=str(args.checkpoint), iteration=ckpt.get("iteration"), bn_mode=args.bn_mode,
-                    rigid_cells=gen.cfg.rigid_cells, seed=args.seed,
+                    rigid_cells=gen.cfg.rigid_cells, still_first_frame=gen.cfg.still_first_frame, seed=args.seed,
                     glyph_average="generator_average" in ckpt and not args.raw_weights)
     else:
         if args.videos:
@@ -1332,6 +1333,7 @@ def format_digits(result: Dict[str, object]) -> str:
     if "bn_mode" in result:
         source += (f" (iteration {result['iteration']}, BatchNorm {result['bn_mode']}, "
                    f"rigid cells {result['rigid_cells']}"
+                   + (", still first frame" if result.get("still_first_frame") else "")
                    + (", glyph average" if result.get("glyph_average") else "") + ")")
     if result.get("skipped"):
         source += f", {result['skipped']} unreadable skipped"

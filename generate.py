@@ -101,7 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         device = pick_device(args.device)
-        gen, ckpt = load_generator(args.checkpoint, device, args.rigid_cells, args.raw_weights)
+        gen, ckpt = load_generator(args.checkpoint, device, args.rigid_cells, args.raw_weights,
+                                   args.still_first_frame)
         if args.level is not None and args.level > gen.n_levels:
             raise InputError(f"--level {args.level}: the generator has levels 1..{gen.n_levels}")
         classes = ckpt.get("config", {}).get("classes")

@@ -44,6 +44,7 @@ class ModelConfig:
     content_skip: bool = False  # add the fc output to every ConvLSTM output (the authors: no)
     motion_warp: bool = False  # render one map per clip, moved by per-frame flows from the ConvLSTM (the authors: no)
     rigid_cells: int = 0  # motion warp, dense generation only: move frame 0 rigidly per cell of a grid this wide (0: no)
+    still_first_frame: bool = False  # rigid cells only: frame 0 is the unmoved map (the still frame), not its flow's
 
     @property
     def n_levels(self) -> int:
@@ -108,6 +109,8 @@ def model_config(preset: str, resolution: Optional[int] = None, **overrides) -> 
         raise ValueError("subsampling strides must be >= 1")
     if cfg.rigid_cells < 0 or (cfg.rigid_cells and not cfg.motion_warp):
         raise ValueError(f"--rigid-cells must be 0, or a positive grid width with --motion-warp; got {cfg.rigid_cells}")
+    if cfg.still_first_frame and not cfg.rigid_cells:
+        raise ValueError("--still-first-frame needs rigid cells (--rigid-cells N > 0)")
     return cfg
 
 
@@ -619,9 +622,10 @@ class Generator(nn.Module):
 
         Any ``n_frames`` works (the ConvLSTM unrolls as long as asked).  Call in eval mode to use the
         BatchNorm running statistics, as the authors do.  With ``cfg.rigid_cells`` (motion warp only), frame 0
-        is drawn by its flow as usual and every later frame is frame 0's map carried by one displacement per
-        cell of a ``rigid_cells x rigid_cells`` grid (:func:`cell_displacements`, bilinearly blended between
-        cells), instead of each frame's own flow.  Returns ``(N, C, n_frames, H, W)``.
+        is drawn by its flow as usual (or, with ``cfg.still_first_frame``, is the still frame: the map unmoved)
+        and every later frame is frame 0's map carried by one displacement per cell of a ``rigid_cells x
+        rigid_cells`` grid (:func:`cell_displacements`, bilinearly blended between cells), instead of each
+        frame's own flow.  Returns ``(N, C, n_frames, H, W)``.
         """
         self._check_labels(z, labels)
         n_frames = n_frames or self.cfg.n_frames
@@ -636,7 +640,7 @@ class Generator(nn.Module):
             if not self.cfg.rigid_cells:
                 return frames
             # Frame 0 as the flow draws it, then carried by each cell's displacement, so glyphs keep their shape.
-            first = warp(content, flow[:, :1])
+            first = content if self.cfg.still_first_frame else warp(content, flow[:, :1])
             return self._render_warped(level - 1, first, cell_displacements(flow, frames, self.cfg.rigid_cells),
                                        labels)
         per_frame = frame_labels(labels, n_frames)
@@ -657,16 +661,17 @@ def averaged_generator_state(state: dict) -> dict:
     return {**state["generator"], **state.get("generator_average", {})}
 
 
-def load_generator(path, device="cpu", rigid_cells: Optional[int] = None,
-                   raw_weights: bool = False) -> Tuple[Generator, dict]:
+def load_generator(path, device="cpu", rigid_cells: Optional[int] = None, raw_weights: bool = False,
+                   still_first_frame: Optional[bool] = None) -> Tuple[Generator, dict]:
     """Rebuild the generator of a training checkpoint or of a G-only snapshot, in eval mode.
 
     Both hold ``generator`` and ``config``, and ``generator_average`` when the run kept an average of the
     glyph path (``--glyph-average``): those weights replace G's own unless ``raw_weights``.
-    ``rigid_cells`` replaces the saved ``ModelConfig.rigid_cells`` (``None``: keep it; runs from before the
-    setting have 0).  Returns ``(generator, checkpoint)``; a missing,
-    unreadable or foreign file, or rigid cells for a generator without the motion warp, raises a one-line
-    :class:`utils.InputError` naming ``path``.
+    ``rigid_cells`` and ``still_first_frame`` replace the saved ``ModelConfig`` values (``None``: keep them; runs
+    from before a setting have 0 and False; rigid cells of 0 also turn the still first frame off).  Returns
+    ``(generator, checkpoint)``; a missing, unreadable or foreign file, or rigid cells for a generator without the
+    motion warp, or a still first frame without rigid cells, raises a one-line :class:`utils.InputError` naming
+    ``path``.
     """
     try:
         ckpt = load_checkpoint(path, map_location=device)
@@ -677,6 +682,11 @@ def load_generator(path, device="cpu", rigid_cells: Optional[int] = None,
             if rigid_cells and not cfg.motion_warp:
                 raise ValueError(f"--rigid-cells {rigid_cells} needs a motion-warp generator; this one has none")
             cfg.rigid_cells = rigid_cells
+            cfg.still_first_frame = cfg.still_first_frame and bool(rigid_cells)
+        if still_first_frame is not None:
+            if still_first_frame and not cfg.rigid_cells:
+                raise ValueError("--still-first-frame needs rigid cells; this generator has none (add --rigid-cells N)")
+            cfg.still_first_frame = still_first_frame
         gen = Generator(cfg).to(device)
         load_weights(gen, ckpt["generator"] if raw_weights else averaged_generator_state(ckpt), "generator")
     except (FileNotFoundError, KeyError, RuntimeError, TypeError, ValueError) as err:

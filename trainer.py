@@ -38,11 +38,13 @@ from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoa
 EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", "beta2", "gp_weight",
                    "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
                    "split", "sync_bn", "recipe", "content_skip", "motion_warp", "frame_warmup",
-                   "warmup_lr", "frame_dis_weight", "frame_dis_group", "rigid_cells", "glyph_average")
+                   "warmup_lr", "frame_dis_weight", "frame_dis_group", "rigid_cells", "glyph_average",
+                   "still_first_frame")
 
 # Settings added after runs were written, with the value those runs used (an older config.json or checkpoint lacks them).
 SETTINGS_ADDED_LATER = {"motion_warp": False, "frame_warmup": 0, "warmup_lr": 0.0, "frame_dis_weight": 0.0,
-                        "frame_dis_group": 0, "rigid_cells": 0, "glyph_average": 0.0}
+                        "frame_dis_group": 0, "rigid_cells": 0, "glyph_average": 0.0,
+                        "still_first_frame": False}
 
 # Frame updates per batch in the frame warm-up: one update takes a tenth of a video step, so two halve the loading.
 FRAME_UPDATES_PER_BATCH = 2
@@ -61,9 +63,10 @@ AUTHORS_SETTINGS = dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9)
 RECIPES = {
     "paper": dict(AUTHORS_SETTINGS, content_skip=False, motion_warp=False, frame_warmup=0, warmup_lr=0.0,
                   frame_dis_weight=0.0, frame_dis_group=0, rigid_cells=0, glyph_average=0.0,
-                  gp_weight=AUTHORS_R1_WEIGHT),
+                  still_first_frame=False, gp_weight=AUTHORS_R1_WEIGHT),
     "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=6250, warmup_lr=2e-4,
-                  frame_dis_weight=0.1, frame_dis_group=4, rigid_cells=2, glyph_average=0.995),
+                  frame_dis_weight=0.1, frame_dis_group=4, rigid_cells=2, glyph_average=0.995,
+                  still_first_frame=True),
 }
 
 
@@ -76,16 +79,19 @@ def apply_recipe(config) -> None:
 
     A recipe without ``gp_weight`` scales the authors' R1 weight by their batch over ``config.batch_size``.
     A frame warm-up (and its learning rate), rigid cells and a glyph average left unset are 0 without the motion
-    warp (they exist only under it).
+    warp (they exist only under it), and a still first frame left unset is off without rigid cells.
     """
     warp_only = [key for key in ("frame_warmup", "warmup_lr", "rigid_cells", "glyph_average")
                  if getattr(config, key, None) is None]
+    still_unset = getattr(config, "still_first_frame", None) is None
     for key, value in RECIPES[config.recipe].items():
         if getattr(config, key, None) is None:
             setattr(config, key, value)
     if not config.motion_warp:
         for key in warp_only:
             setattr(config, key, 0)
+    if still_unset and not config.rigid_cells:
+        config.still_first_frame = False
     if config.gp_weight is None:
         config.gp_weight = AUTHORS_R1_WEIGHT * AUTHORS_BATCH / config.batch_size
 
@@ -117,6 +123,7 @@ class TrainConfig:
     frame_dis_group: Optional[int] = None  # recipe
     rigid_cells: Optional[int] = None  # recipe
     glyph_average: Optional[float] = None  # recipe
+    still_first_frame: Optional[bool] = None  # recipe
     amp: Optional[str] = None  # recipe: "auto", "none" or "bf16"
     gp_weight: Optional[float] = None  # recipe
     lr_decay_start: int = -1
@@ -227,6 +234,10 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
                         "then carry it to each later frame by one displacement per cell of an N x N grid, the "
                         "ink-weighted mean of the flow's change since frame 0, so glyphs keep their shape; 0 = every "
                         "frame from its own flow; needs --motion-warp; paper: 0, tuned: 2 (recipe)")
+    p.add_argument("--still-first-frame", action=argparse.BooleanOptionalAction,
+                   help="dense generation with rigid cells: frame 0 is the clip's map unmoved (the still frame the "
+                        "frame warm-up trains) instead of the map moved by frame 0's flow, and the rigid cells carry "
+                        "it to the later frames; needs --rigid-cells above 0; paper: off, tuned: on (recipe)")
     p.add_argument("--glyph-average", type=unit_interval, metavar="DECAY",
                    help="keep an exponential moving average of the weights that draw the glyphs (z's projection, "
                         "content and level blocks, render heads; not the ConvLSTM or the flow head, which move "
@@ -697,7 +708,8 @@ def check_clip_geometry(config: TrainConfig) -> None:
 
 def check_warp_settings(config: TrainConfig) -> None:
     """Still frames, a glyph average and rigid cells exist only in a motion-warp generator: ``--frame-warmup``,
-    ``--glyph-average`` and ``--rigid-cells`` above 0 need ``--motion-warp``."""
+    ``--glyph-average`` and ``--rigid-cells`` above 0 need ``--motion-warp``; ``--still-first-frame`` needs rigid
+    cells."""
     if config.frame_warmup and not config.motion_warp:
         raise InputError(f"--frame-warmup {config.frame_warmup}: still frames need the motion warp; add "
                          "--motion-warp or pass --frame-warmup 0")
@@ -707,6 +719,9 @@ def check_warp_settings(config: TrainConfig) -> None:
     if config.rigid_cells and not config.motion_warp:
         raise InputError(f"--rigid-cells {config.rigid_cells}: rigid cells carry a motion-warp generator's frame 0; "
                          "add --motion-warp or pass --rigid-cells 0")
+    if config.still_first_frame and not config.rigid_cells:
+        raise InputError("--still-first-frame: the still first frame is what rigid cells carry; pass --rigid-cells N "
+                         "above 0 or --no-still-first-frame")
 
 
 def load_eval_models(config: TrainConfig, device):
@@ -827,7 +842,8 @@ def build_trainer(config: TrainConfig, n_classes: int, device: torch.device, ran
     cfg = model_config(config.preset, resolution=config.resolution, n_frames=config.n_frames,
                        subsample_frames=config.subsample_frames, subsample_batch=config.subsample_batch,
                        n_classes=n_classes, content_skip=config.content_skip,
-                       motion_warp=config.motion_warp, rigid_cells=config.rigid_cells)
+                       motion_warp=config.motion_warp, rigid_cells=config.rigid_cells,
+                       still_first_frame=config.still_first_frame)
     trainer = Trainer(cfg, config, device)
     broadcast_module(trainer.gen)
     broadcast_module(trainer.dis)

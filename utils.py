@@ -71,13 +71,19 @@ def non_negative_int(text: str) -> int:
 
 
 def add_sampling_arguments(parser) -> None:
-    """``--rigid-cells N`` and ``--raw-weights`` for the sampling scripts: they override the checkpoint's
-    ``ModelConfig.rigid_cells`` and drop its glyph-path average (see :func:`models.load_generator`)."""
+    """``--rigid-cells N``, ``--still-first-frame`` and ``--raw-weights`` for the sampling scripts: they override the
+    checkpoint's ``ModelConfig.rigid_cells`` and ``.still_first_frame`` and drop its glyph-path average (see
+    :func:`models.load_generator`)."""
     parser.add_argument("--rigid-cells", type=non_negative_int, default=None, metavar="N",
                         help="motion-warp checkpoints: draw frame 0 with its flow, then carry it to each later frame "
                              "by one displacement per cell of an N x N grid, so glyphs keep their shape; 0 = every "
                              "frame from its own flow (default: the checkpoint's setting, 2 for runs of the tuned "
                              "recipe since it was added, 0 before)")
+    parser.add_argument("--still-first-frame", action=argparse.BooleanOptionalAction, default=None,
+                        help="with rigid cells: frame 0 is the clip's map unmoved (the still frame the frame warm-up "
+                             "trains) instead of the map moved by frame 0's flow; the later frames carry it as "
+                             "before (default: the checkpoint's setting, on for runs of the tuned recipe since it "
+                             "was added, off before)")
     parser.add_argument("--raw-weights", action="store_true",
                         help="use G's trained weights even where the run kept an average of the glyph path "
                              "(--glyph-average, on in the tuned recipe), which is used by default")

@@ -258,6 +258,31 @@ def test_rigid_cells_keep_frame_0_and_a_uniform_motion_and_carry_frame_0_otherwi
         torch.testing.assert_close(rigid.generate(z), gen.generate(z), rtol=0, atol=1e-5)
 
 
+def test_still_first_frame_carries_the_unmoved_map_and_needs_rigid_cells():
+    torch.manual_seed(0)
+    kwargs = dict(n_frames=4, content_skip=True, motion_warp=True, rigid_cells=2)
+    gen = Generator(model_config("movingmnist", **kwargs))
+    still = Generator(model_config("movingmnist", still_first_frame=True, **kwargs))
+    with torch.no_grad():
+        gen.flow_head.weight.normal_(0, 0.05)  # frame 0's own flow moves the map
+    still.load_state_dict(gen.state_dict())
+    gen.eval(), still.eval()
+    z = gen.sample_z(2)
+    with torch.no_grad():
+        from_flow, from_still = gen.generate(z), still.generate(z)
+        torch.testing.assert_close(from_still[:, :, 0], still.still_frame(z), rtol=0, atol=1e-6)
+        assert (from_flow[:, :, 0] - from_still[:, :, 0]).abs().max() > 1e-2
+        # The later frames carry the unmoved map by the same cells' displacements (read from the flow's frames).
+        content, flow = gen.content_and_flow(z, 4)
+        for block in gen.level_blocks:
+            content = block(content)
+        free = gen._render_warped(3, content, flow, None)
+        moved = cell_displacements(flow, free, 2)
+        torch.testing.assert_close(from_still, gen._render_warped(3, content, moved, None), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="--still-first-frame needs rigid cells"):
+        model_config("movingmnist", motion_warp=True, still_first_frame=True)
+
+
 def test_rigid_cells_need_the_motion_warp():
     with pytest.raises(ValueError, match="--rigid-cells must be 0, or a positive grid width with --motion-warp"):
         model_config("movingmnist", rigid_cells=2)

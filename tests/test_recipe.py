@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 import train_movingmnist
@@ -180,6 +181,21 @@ def test_rigid_cells_come_with_the_tuned_recipe_and_the_warp():
     assert parse("--rigid-cells", "0").rigid_cells == 0 and parse("--rigid-cells", "3").rigid_cells == 3
     config = parse("--rigid-cells", "3", "--batch-size", "2", "--no-sync-bn")
     assert trainer.build_trainer(config, 0, torch.device("cpu"), 0).gen.cfg.rigid_cells == 3  # G samples with it
+
+
+def test_still_first_frame_comes_with_the_tuned_recipe_and_rigid_cells(capsys):
+    assert parse().still_first_frame is True and parse("--recipe", "paper").still_first_frame is False
+    assert parse("--rigid-cells", "0").still_first_frame is False  # unset: nothing to carry without the cells
+    assert parse("--no-motion-warp").still_first_frame is False
+    assert parse("--no-still-first-frame").still_first_frame is False
+    assert parse("--recipe", "paper", "--motion-warp", "--rigid-cells", "2", "--still-first-frame").still_first_frame
+    config = parse("--batch-size", "2", "--no-sync-bn")
+    assert trainer.build_trainer(config, 0, torch.device("cpu"), 0).gen.cfg.still_first_frame  # G samples with it
+    with pytest.raises(SystemExit) as exit_info:
+        train_movingmnist.main(["--rigid-cells", "0", "--still-first-frame", *FAST])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: --still-first-frame: the still first frame is what rigid cells" in err
 
 
 def test_glyph_average_comes_with_the_tuned_recipe_and_the_warp():

@@ -13,7 +13,7 @@ import train_movingmnist
 import train_ucf101
 from models import load_generator
 from test_training import TinyI3D
-from utils import load_checkpoint, save_checkpoint
+from utils import InputError, load_checkpoint, save_checkpoint
 
 FAST = ["--data", "synthetic", "--batch-size", "2", "--workers", "0", "--sample-grid", "2", "--log-every", "1",
         "--device", "cpu"]
@@ -149,7 +149,8 @@ def test_runs_from_before_rigid_cells_resume_and_sample_without_them(tmp_path):
     run(tmp_path, "--iterations", "1", "--frame-warmup", "1", "--snapshot-every", "0")
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["config"]["rigid_cells"] == 2 and ckpt["config"]["model"]["rigid_cells"] == 2  # the default recipe
-    del ckpt["config"]["rigid_cells"], ckpt["config"]["model"]["rigid_cells"]  # as runs before the option wrote them
+    for config in (ckpt["config"], ckpt["config"]["model"]):  # as runs before the option (and the still frame 0)
+        del config["rigid_cells"], config["still_first_frame"]
     save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
     assert load_generator(tmp_path / "checkpoint.pt")[0].cfg.rigid_cells == 0  # sampled as they were
     assert load_generator(tmp_path / "checkpoint.pt", rigid_cells=2)[0].cfg.rigid_cells == 2  # or with the cells
@@ -157,6 +158,23 @@ def test_runs_from_before_rigid_cells_resume_and_sample_without_them(tmp_path):
     resumed = load_checkpoint(tmp_path / "checkpoint.pt")
     assert resumed["iteration"] == 2 and resumed["config"]["rigid_cells"] == 0
     assert resumed["config"]["model"]["rigid_cells"] == 0
+
+
+def test_runs_from_before_the_still_first_frame_resume_and_sample_without_it(tmp_path):
+    run(tmp_path, "--iterations", "1", "--frame-warmup", "1", "--snapshot-every", "0")
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["config"]["still_first_frame"] is True and ckpt["config"]["model"]["still_first_frame"] is True
+    del ckpt["config"]["still_first_frame"], ckpt["config"]["model"]["still_first_frame"]  # as older runs wrote them
+    save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
+    assert not load_generator(tmp_path / "checkpoint.pt")[0].cfg.still_first_frame  # sampled as they were
+    assert load_generator(tmp_path / "checkpoint.pt", still_first_frame=True)[0].cfg.still_first_frame
+    assert not load_generator(tmp_path / "checkpoint.pt", rigid_cells=0)[0].cfg.still_first_frame
+    with pytest.raises(InputError, match="--still-first-frame needs rigid cells"):
+        load_generator(tmp_path / "checkpoint.pt", rigid_cells=0, still_first_frame=True)
+    run(tmp_path, "--iterations", "2", "--resume")
+    resumed = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert resumed["iteration"] == 2 and resumed["config"]["still_first_frame"] is False
+    assert resumed["config"]["model"]["still_first_frame"] is False
 
 
 def test_runs_from_before_the_glyph_average_resume_without_it(tmp_path):

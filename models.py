@@ -639,7 +639,7 @@ class Generator(nn.Module):
             frames = self._render_warped(level - 1, content, flow, labels)
             if not self.cfg.rigid_cells:
                 return frames
-            # Frame 0 as the flow draws it, then carried by each cell's displacement, so glyphs keep their shape.
+            # Frame 0 (as its flow draws it, or the still frame), carried by each cell's displacement: glyphs keep form.
             first = content if self.cfg.still_first_frame else warp(content, flow[:, :1])
             return self._render_warped(level - 1, first, cell_displacements(flow, frames, self.cfg.rigid_cells),
                                        labels)

@@ -230,10 +230,11 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
                         "over groups of N frames of a batch, so it can tell a batch of alike frames from real "
                         "ones; 0 = no such channel; paper: 0 (no frame discriminator), tuned: 4 (recipe)")
     p.add_argument("--rigid-cells", type=non_negative_int,
-                   help="dense generation only (sample grids, evaluation, generate.py): draw frame 0 with its flow, "
-                        "then carry it to each later frame by one displacement per cell of an N x N grid, the "
-                        "ink-weighted mean of the flow's change since frame 0, so glyphs keep their shape; 0 = every "
-                        "frame from its own flow; needs --motion-warp; paper: 0, tuned: 2 (recipe)")
+                   help="dense generation only (sample grids, evaluation, generate.py): draw frame 0 with its flow "
+                        "(or as the still frame: --still-first-frame), then carry it to each later frame by one "
+                        "displacement per cell of an N x N grid, the ink-weighted mean of the flow's change since "
+                        "frame 0, so glyphs keep their shape; 0 = every frame from its own flow; needs --motion-warp; "
+                        "paper: 0, tuned: 2 (recipe)")
     p.add_argument("--still-first-frame", action=argparse.BooleanOptionalAction,
                    help="dense generation with rigid cells: frame 0 is the clip's map unmoved (the still frame the "
                         "frame warm-up trains) instead of the map moved by frame 0's flow, and the rigid cells carry "

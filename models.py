@@ -109,9 +109,14 @@ def model_config(preset: str, resolution: Optional[int] = None, **overrides) -> 
         raise ValueError("subsampling strides must be >= 1")
     if cfg.rigid_cells < 0 or (cfg.rigid_cells and not cfg.motion_warp):
         raise ValueError(f"--rigid-cells must be 0, or a positive grid width with --motion-warp; got {cfg.rigid_cells}")
+    check_still_first_frame(cfg)
+    return cfg
+
+
+def check_still_first_frame(cfg: ModelConfig) -> None:
+    """A still first frame is what rigid cells carry: ``cfg.still_first_frame`` needs ``cfg.rigid_cells`` above 0."""
     if cfg.still_first_frame and not cfg.rigid_cells:
         raise ValueError("--still-first-frame needs rigid cells (--rigid-cells N > 0)")
-    return cfg
 
 
 # The generator's BatchNorm epsilon: Chainer's default, which the authors' code uses.
@@ -684,9 +689,8 @@ def load_generator(path, device="cpu", rigid_cells: Optional[int] = None, raw_we
             cfg.rigid_cells = rigid_cells
             cfg.still_first_frame = cfg.still_first_frame and bool(rigid_cells)
         if still_first_frame is not None:
-            if still_first_frame and not cfg.rigid_cells:
-                raise ValueError("--still-first-frame needs rigid cells; this generator has none (add --rigid-cells N)")
             cfg.still_first_frame = still_first_frame
+            check_still_first_frame(cfg)
         gen = Generator(cfg).to(device)
         load_weights(gen, ckpt["generator"] if raw_weights else averaged_generator_state(ckpt), "generator")
     except (FileNotFoundError, KeyError, RuntimeError, TypeError, ValueError) as err:

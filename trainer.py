@@ -39,12 +39,12 @@ EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", 
                    "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
                    "split", "sync_bn", "recipe", "content_skip", "motion_warp", "frame_warmup",
                    "warmup_lr", "frame_dis_weight", "frame_dis_group", "rigid_cells", "glyph_average",
-                   "still_first_frame")
+                   "video_glyph_average", "still_first_frame")
 
 # Settings added after runs were written, with the value those runs used (an older config.json or checkpoint lacks them).
 SETTINGS_ADDED_LATER = {"motion_warp": False, "frame_warmup": 0, "warmup_lr": 0.0, "frame_dis_weight": 0.0,
                         "frame_dis_group": 0, "rigid_cells": 0, "glyph_average": 0.0,
-                        "still_first_frame": False}
+                        "video_glyph_average": 0.0, "still_first_frame": False}
 
 # Frame updates per batch in the frame warm-up: one update takes a tenth of a video step, so two halve the loading.
 FRAME_UPDATES_PER_BATCH = 2
@@ -63,10 +63,10 @@ AUTHORS_SETTINGS = dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9)
 RECIPES = {
     "paper": dict(AUTHORS_SETTINGS, content_skip=False, motion_warp=False, frame_warmup=0, warmup_lr=0.0,
                   frame_dis_weight=0.0, frame_dis_group=0, rigid_cells=0, glyph_average=0.0,
-                  still_first_frame=False, gp_weight=AUTHORS_R1_WEIGHT),
+                  video_glyph_average=0.0, still_first_frame=False, gp_weight=AUTHORS_R1_WEIGHT),
     "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=6250, warmup_lr=2e-4,
                   frame_dis_weight=0.1, frame_dis_group=4, rigid_cells=2, glyph_average=0.995,
-                  still_first_frame=True),
+                  video_glyph_average=0.997, still_first_frame=True),
 }
 
 
@@ -78,11 +78,13 @@ def apply_recipe(config) -> None:
     """Fill every recipe-controlled setting left unset (``None``) from ``RECIPES[config.recipe]``.
 
     A recipe without ``gp_weight`` scales the authors' R1 weight by their batch over ``config.batch_size``.
-    A frame warm-up (and its learning rate), rigid cells and a glyph average left unset are 0 without the motion
-    warp (they exist only under it), and a still first frame left unset is off without rigid cells.
+    A frame warm-up (and its learning rate), rigid cells and a glyph average (and its video decay) left unset are 0
+    without the motion warp (they exist only under it), a video decay left unset is 0 without a glyph average, and a
+    still first frame left unset is off without rigid cells.
     """
-    warp_only = [key for key in ("frame_warmup", "warmup_lr", "rigid_cells", "glyph_average")
+    warp_only = [key for key in ("frame_warmup", "warmup_lr", "rigid_cells", "glyph_average", "video_glyph_average")
                  if getattr(config, key, None) is None]
+    video_decay_unset = getattr(config, "video_glyph_average", None) is None
     still_unset = getattr(config, "still_first_frame", None) is None
     for key, value in RECIPES[config.recipe].items():
         if getattr(config, key, None) is None:
@@ -90,6 +92,8 @@ def apply_recipe(config) -> None:
     if not config.motion_warp:
         for key in warp_only:
             setattr(config, key, 0)
+    if video_decay_unset and not config.glyph_average:
+        config.video_glyph_average = 0.0
     if still_unset and not config.rigid_cells:
         config.still_first_frame = False
     if config.gp_weight is None:
@@ -123,6 +127,7 @@ class TrainConfig:
     frame_dis_group: Optional[int] = None  # recipe
     rigid_cells: Optional[int] = None  # recipe
     glyph_average: Optional[float] = None  # recipe
+    video_glyph_average: Optional[float] = None  # recipe: 0 = glyph_average
     still_first_frame: Optional[bool] = None  # recipe
     amp: Optional[str] = None  # recipe: "auto", "none" or "bf16"
     gp_weight: Optional[float] = None  # recipe
@@ -245,6 +250,10 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
                         "them), updated after every iteration with this decay; sample grids, snapshots, "
                         "--eval-every, generate.py and evaluate.py use it, checkpoints keep it and --resume "
                         "continues it exactly; 0 = off; needs --motion-warp; paper: 0, tuned: 0.995 (recipe)")
+    p.add_argument("--video-glyph-average", type=unit_interval, metavar="DECAY",
+                   help="the glyph average's decay in the video iterations (those after --frame-warmup), so the "
+                        "average keeps more of the warm-up's glyphs; 0 = --glyph-average's; needs --glyph-average; "
+                        "paper: 0 (no average), tuned: 0.997 (recipe)")
     p.add_argument("--gp-weight", type=non_negative_float,
                    help="weight of the zero-centred R1 penalty on real data (lambda), a sum over each process's "
                         "batch; paper: 0.5, tuned: 16 / --batch-size, the authors' 0.5 x 32 per sample (recipe)")
@@ -488,9 +497,11 @@ class Trainer:
     @torch.no_grad()
     def update_average(self) -> None:
         """With ``--glyph-average d``: each averaged tensor ``a`` of the glyph path moves to ``d * a + (1 - d) * w``,
-        ``w`` G's tensor after this iteration."""
+        ``w`` G's tensor after this iteration; ``d`` is ``--video-glyph-average`` (when above 0) after the warm-up."""
         if self.gen_average is not None:
-            torch._foreach_lerp_(*self.average_pairs, 1.0 - self.config.glyph_average)
+            video = self.iteration >= self.config.frame_warmup and self.config.video_glyph_average
+            decay = self.config.video_glyph_average if video else self.config.glyph_average
+            torch._foreach_lerp_(*self.average_pairs, 1.0 - decay)
 
     @torch.no_grad()
     def sampling_generator(self) -> Generator:
@@ -709,14 +720,17 @@ def check_clip_geometry(config: TrainConfig) -> None:
 
 def check_warp_settings(config: TrainConfig) -> None:
     """Still frames, a glyph average and rigid cells exist only in a motion-warp generator: ``--frame-warmup``,
-    ``--glyph-average`` and ``--rigid-cells`` above 0 need ``--motion-warp``; ``--still-first-frame`` needs rigid
-    cells."""
+    ``--glyph-average`` and ``--rigid-cells`` above 0 need ``--motion-warp``; ``--video-glyph-average`` above 0 needs
+    a glyph average and ``--still-first-frame`` rigid cells."""
     if config.frame_warmup and not config.motion_warp:
         raise InputError(f"--frame-warmup {config.frame_warmup}: still frames need the motion warp; add "
                          "--motion-warp or pass --frame-warmup 0")
     if config.glyph_average and not config.motion_warp:
         raise InputError(f"--glyph-average {config.glyph_average}: the glyph path exists only in a motion-warp "
                          "generator; add --motion-warp or pass --glyph-average 0")
+    if config.video_glyph_average and not config.glyph_average:
+        raise InputError(f"--video-glyph-average {config.video_glyph_average}: a decay of the glyph average, which is "
+                         "off; pass --glyph-average DECAY above 0 or --video-glyph-average 0")
     if config.rigid_cells and not config.motion_warp:
         raise InputError(f"--rigid-cells {config.rigid_cells}: rigid cells carry a motion-warp generator's frame 0; "
                          "add --motion-warp or pass --rigid-cells 0")

@@ -208,22 +208,36 @@ def test_glyph_average_comes_with_the_tuned_recipe_and_the_warp():
     assert "generator_average" not in paper.state_dict()
 
 
+def test_video_glyph_average_comes_with_the_tuned_recipe_and_a_glyph_average(capsys):
+    assert parse().video_glyph_average == 0.997 and parse("--recipe", "paper").video_glyph_average == 0.0
+    assert parse("--no-motion-warp").video_glyph_average == 0.0  # unset: no average to decay
+    assert parse("--glyph-average", "0").video_glyph_average == 0.0
+    assert parse("--video-glyph-average", "0").video_glyph_average == 0.0  # 0: --glyph-average's decay throughout
+    assert parse("--video-glyph-average", "0.9").video_glyph_average == 0.9
+    with pytest.raises(SystemExit) as exit_info:
+        train_movingmnist.main(["--glyph-average", "0", "--video-glyph-average", "0.9", *FAST])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: --video-glyph-average 0.9: a decay of the glyph average, which is off" in err
+
+
 def test_glyph_average_follows_the_glyph_path_and_samples_with_g_s_motion():
     torch.manual_seed(0)
-    config = trainer.TrainConfig(batch_size=2, sync_bn=False, frame_warmup=1, glyph_average=0.75)
+    config = trainer.TrainConfig(batch_size=2, sync_bn=False, frame_warmup=1, glyph_average=0.75,
+                                 video_glyph_average=0.5)
     t = trainer.Trainer(model_config("movingmnist", n_frames=8, motion_warp=True), config, torch.device("cpu"))
     glyph = set(t.gen.glyph_state_keys())
     assert "fc.weight" in glyph and "renders.0.conv.weight" in glyph and "content_blocks.0.bn1.running_mean" in glyph
     assert not any(k.startswith(("clstm", "flow_head")) or k.endswith("num_batches_tracked") for k in glyph)
     x = torch.rand(2, 1, 8, 64, 64) * 2 - 1
     average = {k: v.clone() for k, v in t.gen.state_dict().items()}  # it starts at G's initial weights
-    for iteration in range(2):  # a still-frame update, then a video update; both move the average
+    for iteration, decay in enumerate((0.75, 0.5)):  # a still-frame update, then a video update at its own decay
         t.set_iteration(iteration)
         t.step(x)
         state = t.gen.state_dict()
         assert any(not torch.equal(average[k], state[k]) for k in glyph)
-        for k in glyph:  # 0.75 of the average before the step, 0.25 of G's weights after it
-            torch.testing.assert_close(t.gen_average.state_dict()[k], average[k] * 0.75 + state[k] * 0.25)
+        for k in glyph:  # the decay times the average before the step, the rest G's weights after it
+            torch.testing.assert_close(t.gen_average.state_dict()[k], average[k] * decay + state[k] * (1 - decay))
         average = {k: v.clone() for k, v in t.gen_average.state_dict().items()}
     sampler = t.sampling_generator().state_dict()
     assert torch.equal(sampler["clstm.input_convs.0.weight"], state["clstm.input_convs.0.weight"])

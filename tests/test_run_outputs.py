@@ -189,6 +189,18 @@ def test_runs_from_before_the_glyph_average_resume_without_it(tmp_path):
     assert "generator_average" not in resumed
 
 
+def test_runs_from_before_the_video_glyph_average_resume_with_one_decay(tmp_path):
+    run(tmp_path, "--iterations", "1", "--frame-warmup", "1", "--snapshot-every", "0")
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["config"]["video_glyph_average"] == 0.997  # the default recipe
+    del ckpt["config"]["video_glyph_average"]  # as runs before the option wrote them
+    save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
+    run(tmp_path, "--iterations", "2", "--resume")  # their video iterations keep --glyph-average's decay
+    resumed = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert resumed["iteration"] == 2 and resumed["config"]["video_glyph_average"] == 0.0
+    assert resumed["config"]["glyph_average"] == 0.995
+
+
 def test_resume_refuses_a_checkpoint_with_an_averaged_generator(tmp_path, capsys):
     run(tmp_path, "--iterations", "1")
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")

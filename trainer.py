@@ -247,9 +247,10 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
     p.add_argument("--glyph-average", type=unit_interval, metavar="DECAY",
                    help="keep an exponential moving average of the weights that draw the glyphs (z's projection, "
                         "content and level blocks, render heads; not the ConvLSTM or the flow head, which move "
-                        "them), updated after every iteration with this decay; sample grids, snapshots, "
-                        "--eval-every, generate.py and evaluate.py use it, checkpoints keep it and --resume "
-                        "continues it exactly; 0 = off; needs --motion-warp; paper: 0, tuned: 0.995 (recipe)")
+                        "them), updated after every iteration with this decay (--video-glyph-average's, when above "
+                        "0, after the frame warm-up); sample grids, snapshots, --eval-every, generate.py and "
+                        "evaluate.py use it, checkpoints keep it and --resume continues it exactly; 0 = off; needs "
+                        "--motion-warp; paper: 0, tuned: 0.995 (recipe)")
     p.add_argument("--video-glyph-average", type=unit_interval, metavar="DECAY",
                    help="the glyph average's decay in the video iterations (those after --frame-warmup), so the "
                         "average keeps more of the warm-up's glyphs; 0 = --glyph-average's; needs --glyph-average; "

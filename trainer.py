@@ -74,28 +74,27 @@ class TrainingDiverged(RuntimeError):
     """A loss or a weight became NaN or infinite."""
 
 
+# Recipe settings that exist only with another one: left unset, each is off when the one it needs is off.  Listed so
+# that a setting's own need is settled before it is read.
+NEEDS = {"frame_warmup": "motion_warp", "warmup_lr": "motion_warp", "rigid_cells": "motion_warp",
+         "glyph_average": "motion_warp", "video_glyph_average": "glyph_average", "still_first_frame": "rigid_cells"}
+
+
 def apply_recipe(config) -> None:
     """Fill every recipe-controlled setting left unset (``None``) from ``RECIPES[config.recipe]``.
 
     A recipe without ``gp_weight`` scales the authors' R1 weight by their batch over ``config.batch_size``.
-    A frame warm-up (and its learning rate), rigid cells and a glyph average (and its video decay) left unset are 0
-    without the motion warp (they exist only under it), a video decay left unset is 0 without a glyph average, and a
-    still first frame left unset is off without rigid cells.
+    A setting of :data:`NEEDS` left unset is off (0 or False) when the setting it needs is off: a frame warm-up (and
+    its learning rate), rigid cells and a glyph average without the motion warp, a video decay without a glyph
+    average, a still first frame without rigid cells.
     """
-    warp_only = [key for key in ("frame_warmup", "warmup_lr", "rigid_cells", "glyph_average", "video_glyph_average")
-                 if getattr(config, key, None) is None]
-    video_decay_unset = getattr(config, "video_glyph_average", None) is None
-    still_unset = getattr(config, "still_first_frame", None) is None
+    unset = [key for key in NEEDS if getattr(config, key, None) is None]
     for key, value in RECIPES[config.recipe].items():
         if getattr(config, key, None) is None:
             setattr(config, key, value)
-    if not config.motion_warp:
-        for key in warp_only:
-            setattr(config, key, 0)
-    if video_decay_unset and not config.glyph_average:
-        config.video_glyph_average = 0.0
-    if still_unset and not config.rigid_cells:
-        config.still_first_frame = False
+    for key in unset:
+        if not getattr(config, NEEDS[key]):
+            setattr(config, key, type(getattr(config, key))())
     if config.gp_weight is None:
         config.gp_weight = AUTHORS_R1_WEIGHT * AUTHORS_BATCH / config.batch_size
 

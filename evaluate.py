@@ -41,7 +41,7 @@ from tqdm import tqdm
 from datasets import MovingDigits, folder_batches, to_unit_range, video_paths
 from models import fold_time, generated_batches, load_generator, sample_classes, sampling_mode, unfold_time
 from utils import (InputError, OneLineArgumentParser, add_sampling_arguments, first_line, pick_device, positive_int,
-                   report_error)
+                   report_error, sampling_overrides)
 
 Stats = Tuple[np.ndarray, np.ndarray]  # (mu (D,), sigma (D, D))
 Batch = Union[torch.Tensor, List[torch.Tensor]]
@@ -1278,8 +1278,7 @@ def run_digits(args: argparse.Namespace) -> Dict[str, object]:
     progress = not args.quiet
     # cheap checks first: the classifier may need training
     if args.checkpoint:
-        gen, ckpt = load_generator(args.checkpoint, device, args.rigid_cells, args.raw_weights,
-                                   args.still_first_frame)
+        gen, ckpt = load_generator(args.checkpoint, device, **sampling_overrides(args))
         if args.level is not None and args.level > gen.n_levels:
             raise InputError(f"--level {args.level}: the generator has levels 1..{gen.n_levels}")
     elif args.videos:
@@ -1301,7 +1300,8 @@ def run_digits(args: argparse.Namespace) -> Dict[str, object]:
                                              args.bn_mode, args.level, args.n_real, args.real, args.classifier,
                                              DIGIT_CLASSIFIER_SETTINGS, progress)
         info.update(source=str(args.checkpoint), iteration=ckpt.get("iteration"), bn_mode=args.bn_mode,
-                    rigid_cells=gen.cfg.rigid_cells, still_first_frame=gen.cfg.still_first_frame, seed=args.seed,
+                    rigid_cells=gen.cfg.rigid_cells, still_first_frame=gen.cfg.still_first_frame,
+                    wall_bounce=gen.cfg.wall_bounce, seed=args.seed,
                     glyph_average="generator_average" in ckpt and not args.raw_weights)
     else:
         if args.videos:
@@ -1334,6 +1334,7 @@ def format_digits(result: Dict[str, object]) -> str:
         source += (f" (iteration {result['iteration']}, BatchNorm {result['bn_mode']}, "
                    f"rigid cells {result['rigid_cells']}"
                    + (", still first frame" if result.get("still_first_frame") else "")
+                   + (", wall bounce" if result.get("wall_bounce") else "")
                    + (", glyph average" if result.get("glyph_average") else "") + ")")
     if result.get("skipped"):
         source += f", {result['skipped']} unreadable skipped"

@@ -19,7 +19,8 @@ import torch
 
 from models import generated_batches, load_generator, sample_classes
 from utils import (InputError, OneLineArgumentParser, add_sampling_arguments, make_grid, pick_device,
-                   positive_float, positive_int, prepare_output_folder, report_error, to_uint8, write_video)
+                   positive_float, positive_int, prepare_output_folder, report_error, sampling_overrides, to_uint8,
+                   write_video)
 
 FORMATS = ("gif", "mp4", "png", "npy")
 
@@ -101,8 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         device = pick_device(args.device)
-        gen, ckpt = load_generator(args.checkpoint, device, args.rigid_cells, args.raw_weights,
-                                   args.still_first_frame)
+        gen, ckpt = load_generator(args.checkpoint, device, **sampling_overrides(args))
         if args.level is not None and args.level > gen.n_levels:
             raise InputError(f"--level {args.level}: the generator has levels 1..{gen.n_levels}")
         classes = ckpt.get("config", {}).get("classes")

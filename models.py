@@ -45,6 +45,7 @@ class ModelConfig:
     motion_warp: bool = False  # render one map per clip, moved by per-frame flows from the ConvLSTM (the authors: no)
     rigid_cells: int = 0  # motion warp, dense generation only: move frame 0 rigidly per cell of a grid this wide (0: no)
     still_first_frame: bool = False  # rigid cells only: frame 0 is the unmoved map (the still frame), not its flow's
+    wall_bounce: bool = False  # rigid cells only: displacements folded back at the frame's walls, as real digits bounce
 
     @property
     def n_levels(self) -> int:
@@ -109,14 +110,16 @@ def model_config(preset: str, resolution: Optional[int] = None, **overrides) -> 
         raise ValueError("subsampling strides must be >= 1")
     if cfg.rigid_cells < 0 or (cfg.rigid_cells and not cfg.motion_warp):
         raise ValueError(f"--rigid-cells must be 0, or a positive grid width with --motion-warp; got {cfg.rigid_cells}")
-    check_still_first_frame(cfg)
+    check_rigid_cell_settings(cfg)
     return cfg
 
 
-def check_still_first_frame(cfg: ModelConfig) -> None:
-    """A still first frame is what rigid cells carry: ``cfg.still_first_frame`` needs ``cfg.rigid_cells`` above 0."""
-    if cfg.still_first_frame and not cfg.rigid_cells:
-        raise ValueError("--still-first-frame needs rigid cells (--rigid-cells N > 0)")
+def check_rigid_cell_settings(cfg: ModelConfig) -> None:
+    """``cfg.still_first_frame`` and ``cfg.wall_bounce`` shape what rigid cells carry: each needs ``cfg.rigid_cells``
+    above 0."""
+    for name in ("still_first_frame", "wall_bounce"):
+        if getattr(cfg, name) and not cfg.rigid_cells:
+            raise ValueError(f"--{name.replace('_', '-')} needs rigid cells (--rigid-cells N > 0)")
 
 
 # The generator's BatchNorm epsilon: Chainer's default, which the authors' code uses.
@@ -361,6 +364,38 @@ def cell_displacements(flow: torch.Tensor, frames: torch.Tensor, cells: int) -> 
     weight = F.adaptive_avg_pool2d(ink, flow.shape[-2:]) + INK_FLOOR
     moved = F.adaptive_avg_pool2d(change * weight, cells) / F.adaptive_avg_pool2d(weight, cells)
     return moved.view(n, t, 2, cells, cells).to(flow.dtype)
+
+
+# A pixel of frame 0 brighter than this (0 black, 1 white) is ink when bounding a clip's glyphs for the wall bounce.
+WALL_INK = 0.3
+
+
+def bounce_off_walls(displacements: torch.Tensor, first_frame: torch.Tensor) -> torch.Tensor:
+    """Fold rigid-cell displacements back at the frame's walls, so a carried clip's glyphs bounce off them as real
+    moving digits do instead of leaving the frame.
+
+    ``displacements`` ``(N, T, 2, cells, cells)`` from :func:`cell_displacements` (:func:`warp`'s units, x then y: the
+    map moves by ``-d * size / 2`` pixels); ``first_frame`` ``(N, C, H, W)`` in ``[-1, 1]``, the frame they carry.
+    Per clip and axis, the shifts that keep its ink (pixels above :data:`WALL_INK`) inside the frame form a range; a
+    shift past either end is reflected back into it, like a ball in a box.  Every cell of a clip shares that range, so
+    the cells' bilinear blend stays inside it too.  An axis whose ink spans the frame keeps its shifts.  Returns
+    ``displacements``' shape and dtype.
+    """
+    n = displacements.shape[0]
+    ink = (first_frame.float().mean(1) + 1) / 2 > WALL_INK  # (N, H, W)
+    folded = displacements.float().clone()
+    for axis, present in enumerate((ink.any(1), ink.any(2))):  # (N, W): columns holding ink, then (N, H): rows
+        size = present.shape[1]
+        index = torch.arange(size, device=ink.device)
+        first = torch.where(present, index, size).amin(1)  # a clip without ink: its range is two frames wide
+        last = torch.where(present, index, -1).amax(1)
+        low = (-first).float().view(n, 1, 1, 1)  # the shift (px) that brings the ink to the left (top) wall
+        span = (size - 1 - last + first).float().view(n, 1, 1, 1)  # from there to the right (bottom) wall
+        shift = -folded[:, :, axis] * size / 2
+        phase = torch.remainder(shift - low, 2 * span.clamp(min=1))
+        bounced = low + torch.where(phase > span, 2 * span - phase, phase)
+        folded[:, :, axis] = torch.where(span > 0, -bounced * 2 / size, folded[:, :, axis])
+    return folded.to(displacements.dtype)
 
 
 def subsample(x: torch.Tensor, subsample_frames: int, subsample_batch: int, time_dim: int,
@@ -630,7 +665,8 @@ class Generator(nn.Module):
         is drawn by its flow as usual (or, with ``cfg.still_first_frame``, is the still frame: the map unmoved)
         and every later frame is frame 0's map carried by one displacement per cell of a ``rigid_cells x
         rigid_cells`` grid (:func:`cell_displacements`, bilinearly blended between cells), instead of each
-        frame's own flow.  Returns ``(N, C, n_frames, H, W)``.
+        frame's own flow; with ``cfg.wall_bounce`` those displacements bounce off the frame's walls
+        (:func:`bounce_off_walls`).  Returns ``(N, C, n_frames, H, W)``.
         """
         self._check_labels(z, labels)
         n_frames = n_frames or self.cfg.n_frames
@@ -646,8 +682,10 @@ class Generator(nn.Module):
                 return frames
             # Frame 0 (as its flow draws it, or the still frame), carried by each cell's displacement: glyphs keep form.
             first = content if self.cfg.still_first_frame else warp(content, flow[:, :1])
-            return self._render_warped(level - 1, first, cell_displacements(flow, frames, self.cfg.rigid_cells),
-                                       labels)
+            displacements = cell_displacements(flow, frames, self.cfg.rigid_cells)
+            if self.cfg.wall_bounce:
+                displacements = bounce_off_walls(displacements, self.renders[level - 1](first, labels))
+            return self._render_warped(level - 1, first, displacements, labels)
         per_frame = frame_labels(labels, n_frames)
         h = self.frames(z, n_frames, labels)
         for block in self.level_blocks[: level - 1]:
@@ -667,16 +705,17 @@ def averaged_generator_state(state: dict) -> dict:
 
 
 def load_generator(path, device="cpu", rigid_cells: Optional[int] = None, raw_weights: bool = False,
-                   still_first_frame: Optional[bool] = None) -> Tuple[Generator, dict]:
+                   still_first_frame: Optional[bool] = None,
+                   wall_bounce: Optional[bool] = None) -> Tuple[Generator, dict]:
     """Rebuild the generator of a training checkpoint or of a G-only snapshot, in eval mode.
 
     Both hold ``generator`` and ``config``, and ``generator_average`` when the run kept an average of the
     glyph path (``--glyph-average``): those weights replace G's own unless ``raw_weights``.
-    ``rigid_cells`` and ``still_first_frame`` replace the saved ``ModelConfig`` values (``None``: keep them; runs
-    from before a setting have 0 and False; rigid cells of 0 also turn the still first frame off).  Returns
+    ``rigid_cells``, ``still_first_frame`` and ``wall_bounce`` replace the saved ``ModelConfig`` values (``None``:
+    keep them; runs from before a setting have 0 and False; rigid cells of 0 also turn the other two off).  Returns
     ``(generator, checkpoint)``; a missing, unreadable or foreign file, or rigid cells for a generator without the
-    motion warp, or a still first frame without rigid cells, raises a one-line :class:`utils.InputError` naming
-    ``path``.
+    motion warp, or a still first frame or wall bounce without rigid cells, raises a one-line
+    :class:`utils.InputError` naming ``path``.
     """
     try:
         ckpt = load_checkpoint(path, map_location=device)
@@ -688,9 +727,12 @@ def load_generator(path, device="cpu", rigid_cells: Optional[int] = None, raw_we
                 raise ValueError(f"--rigid-cells {rigid_cells} needs a motion-warp generator; this one has none")
             cfg.rigid_cells = rigid_cells
             cfg.still_first_frame = cfg.still_first_frame and bool(rigid_cells)
+            cfg.wall_bounce = cfg.wall_bounce and bool(rigid_cells)
         if still_first_frame is not None:
             cfg.still_first_frame = still_first_frame
-            check_still_first_frame(cfg)
+        if wall_bounce is not None:
+            cfg.wall_bounce = wall_bounce
+        check_rigid_cell_settings(cfg)
         gen = Generator(cfg).to(device)
         load_weights(gen, ckpt["generator"] if raw_weights else averaged_generator_state(ckpt), "generator")
     except (FileNotFoundError, KeyError, RuntimeError, TypeError, ValueError) as err:

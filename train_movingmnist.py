@@ -56,8 +56,8 @@ def open_dataset(config):
     return dataset, f"{type(dataset).__name__}: {getattr(dataset, 'path', 'procedural')}"
 
 
-# What a run without a GPU recommends: still frames within minutes, moving ones after 18 to 33, 28 to 49 in all (README).
-CPU_QUICK_START = ("python train_movingmnist.py --batch-size 8 --iterations 6783 --sample-every 500 --sample-grid 4 "
+# What a run without a GPU recommends: still frames within minutes, moving ones after 22 to 46, 28 to 58 in all (README).
+CPU_QUICK_START = ("python train_movingmnist.py --batch-size 8 --iterations 7850 --sample-every 500 --sample-grid 4 "
                    "--out runs/quickstart")
 
 

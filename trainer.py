@@ -39,12 +39,12 @@ EXPERIMENT_KEYS = ("preset", "n_frames", "batch_size", "lr_g", "lr_d", "beta1", 
                    "subsample_frames", "subsample_batch", "lr_decay_start", "seed", "resolution", "dataset", "fold",
                    "split", "sync_bn", "recipe", "content_skip", "motion_warp", "frame_warmup",
                    "warmup_lr", "frame_dis_weight", "frame_dis_group", "rigid_cells", "glyph_average",
-                   "video_glyph_average", "still_first_frame")
+                   "video_glyph_average", "still_first_frame", "wall_bounce")
 
 # Settings added after runs were written, with the value those runs used (an older config.json or checkpoint lacks them).
 SETTINGS_ADDED_LATER = {"motion_warp": False, "frame_warmup": 0, "warmup_lr": 0.0, "frame_dis_weight": 0.0,
                         "frame_dis_group": 0, "rigid_cells": 0, "glyph_average": 0.0,
-                        "video_glyph_average": 0.0, "still_first_frame": False}
+                        "video_glyph_average": 0.0, "still_first_frame": False, "wall_bounce": False}
 
 # Frame updates per batch in the frame warm-up: one update takes a tenth of a video step, so two halve the loading.
 FRAME_UPDATES_PER_BATCH = 2
@@ -63,10 +63,10 @@ AUTHORS_SETTINGS = dict(amp="none", lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9)
 RECIPES = {
     "paper": dict(AUTHORS_SETTINGS, content_skip=False, motion_warp=False, frame_warmup=0, warmup_lr=0.0,
                   frame_dis_weight=0.0, frame_dis_group=0, rigid_cells=0, glyph_average=0.0,
-                  video_glyph_average=0.0, still_first_frame=False, gp_weight=AUTHORS_R1_WEIGHT),
-    "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=6250, warmup_lr=2e-4,
+                  video_glyph_average=0.0, still_first_frame=False, wall_bounce=False, gp_weight=AUTHORS_R1_WEIGHT),
+    "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=7500, warmup_lr=2e-4,
                   frame_dis_weight=0.1, frame_dis_group=4, rigid_cells=2, glyph_average=0.995,
-                  video_glyph_average=0.997, still_first_frame=True),
+                  video_glyph_average=0.997, still_first_frame=True, wall_bounce=True),
 }
 
 
@@ -77,7 +77,8 @@ class TrainingDiverged(RuntimeError):
 # Recipe settings that exist only with another one: left unset, each is off when the one it needs is off.  Listed so
 # that a setting's own need is settled before it is read.
 NEEDS = {"frame_warmup": "motion_warp", "warmup_lr": "motion_warp", "rigid_cells": "motion_warp",
-         "glyph_average": "motion_warp", "video_glyph_average": "glyph_average", "still_first_frame": "rigid_cells"}
+         "glyph_average": "motion_warp", "video_glyph_average": "glyph_average", "still_first_frame": "rigid_cells",
+         "wall_bounce": "rigid_cells"}
 
 
 def apply_recipe(config) -> None:
@@ -128,6 +129,7 @@ class TrainConfig:
     glyph_average: Optional[float] = None  # recipe
     video_glyph_average: Optional[float] = None  # recipe: 0 = glyph_average
     still_first_frame: Optional[bool] = None  # recipe
+    wall_bounce: Optional[bool] = None  # recipe
     amp: Optional[str] = None  # recipe: "auto", "none" or "bf16"
     gp_weight: Optional[float] = None  # recipe
     lr_decay_start: int = -1
@@ -220,7 +222,7 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
                    help="the first N iterations train only G's still frames (each clip's map rendered without "
                         "motion), two updates per batch against a 2-D discriminator on single real frames, and fit "
                         "the lower render heads to them, down-sampled; the video iterations follow, up to "
-                        "--iterations; needs --motion-warp; paper: 0, tuned: 6250 (recipe)")
+                        "--iterations; needs --motion-warp; paper: 0, tuned: 7500 (recipe)")
     p.add_argument("--warmup-lr", type=non_negative_float,
                    help="Adam learning rate of G and the frame discriminator during the frame warm-up; 0 = "
                         "--lr-g and --lr-d; paper: 0 (no warm-up), tuned: 2e-4 (recipe)")
@@ -243,6 +245,10 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
                    help="dense generation with rigid cells: frame 0 is the clip's map unmoved (the still frame the "
                         "frame warm-up trains) instead of the map moved by frame 0's flow, and the rigid cells carry "
                         "it to the later frames; needs --rigid-cells above 0; paper: off, tuned: on (recipe)")
+    p.add_argument("--wall-bounce", action=argparse.BooleanOptionalAction,
+                   help="dense generation with rigid cells: fold each cell's displacement back at the frame's walls, "
+                        "so the clip's glyphs bounce off them as real moving digits do instead of leaving the frame; "
+                        "needs --rigid-cells above 0; paper: off, tuned: on (recipe)")
     p.add_argument("--glyph-average", type=unit_interval, metavar="DECAY",
                    help="keep an exponential moving average of the weights that draw the glyphs (z's projection, "
                         "content and level blocks, render heads; not the ConvLSTM or the flow head, which move "
@@ -721,7 +727,7 @@ def check_clip_geometry(config: TrainConfig) -> None:
 def check_warp_settings(config: TrainConfig) -> None:
     """Still frames, a glyph average and rigid cells exist only in a motion-warp generator: ``--frame-warmup``,
     ``--glyph-average`` and ``--rigid-cells`` above 0 need ``--motion-warp``; ``--video-glyph-average`` above 0 needs
-    a glyph average and ``--still-first-frame`` rigid cells."""
+    a glyph average and ``--still-first-frame`` and ``--wall-bounce`` rigid cells."""
     if config.frame_warmup and not config.motion_warp:
         raise InputError(f"--frame-warmup {config.frame_warmup}: still frames need the motion warp; add "
                          "--motion-warp or pass --frame-warmup 0")
@@ -737,6 +743,9 @@ def check_warp_settings(config: TrainConfig) -> None:
     if config.still_first_frame and not config.rigid_cells:
         raise InputError("--still-first-frame: the still first frame is what rigid cells carry; pass --rigid-cells N "
                          "above 0 or --no-still-first-frame")
+    if config.wall_bounce and not config.rigid_cells:
+        raise InputError("--wall-bounce: the wall bounce folds what rigid cells carry; pass --rigid-cells N above 0 "
+                         "or --no-wall-bounce")
 
 
 def load_eval_models(config: TrainConfig, device):
@@ -858,7 +867,7 @@ def build_trainer(config: TrainConfig, n_classes: int, device: torch.device, ran
                        subsample_frames=config.subsample_frames, subsample_batch=config.subsample_batch,
                        n_classes=n_classes, content_skip=config.content_skip,
                        motion_warp=config.motion_warp, rigid_cells=config.rigid_cells,
-                       still_first_frame=config.still_first_frame)
+                       still_first_frame=config.still_first_frame, wall_bounce=config.wall_bounce)
     trainer = Trainer(cfg, config, device)
     broadcast_module(trainer.gen)
     broadcast_module(trainer.dis)

@@ -71,9 +71,9 @@ def non_negative_int(text: str) -> int:
 
 
 def add_sampling_arguments(parser) -> None:
-    """``--rigid-cells N``, ``--still-first-frame`` and ``--raw-weights`` for the sampling scripts: they override the
-    checkpoint's ``ModelConfig.rigid_cells`` and ``.still_first_frame`` and drop its glyph-path average (see
-    :func:`models.load_generator`)."""
+    """``--rigid-cells N``, ``--still-first-frame``, ``--wall-bounce`` and ``--raw-weights`` for the sampling scripts:
+    they override the checkpoint's ``ModelConfig.rigid_cells``, ``.still_first_frame`` and ``.wall_bounce`` and drop
+    its glyph-path average (see :func:`models.load_generator`, :func:`sampling_overrides`)."""
     parser.add_argument("--rigid-cells", type=non_negative_int, default=None, metavar="N",
                         help="motion-warp checkpoints: draw frame 0 with its flow (or as the still frame: "
                              "--still-first-frame), then carry it to each later frame by one displacement per cell "
@@ -85,9 +85,20 @@ def add_sampling_arguments(parser) -> None:
                              "trains) instead of the map moved by frame 0's flow; the later frames carry it as "
                              "before (default: the checkpoint's setting, on for runs of the tuned recipe since it "
                              "was added, off before)")
+    parser.add_argument("--wall-bounce", action=argparse.BooleanOptionalAction, default=None,
+                        help="with rigid cells: fold each cell's displacement back at the frame's walls, so the "
+                             "clip's glyphs bounce off them as real moving digits do instead of leaving the frame "
+                             "(default: the checkpoint's setting, on for runs of the tuned recipe since it was "
+                             "added, off before)")
     parser.add_argument("--raw-weights", action="store_true",
                         help="use G's trained weights even where the run kept an average of the glyph path "
                              "(--glyph-average, on in the tuned recipe), which is used by default")
+
+
+def sampling_overrides(args) -> dict:
+    """The keyword arguments of :func:`models.load_generator` that :func:`add_sampling_arguments`' flags set."""
+    return dict(rigid_cells=args.rigid_cells, raw_weights=args.raw_weights,
+                still_first_frame=args.still_first_frame, wall_bounce=args.wall_bounce)
 
 
 def positive_float(text: str) -> float:

@@ -396,7 +396,7 @@ def test_cli_scores_a_checkpoint_as_json_and_as_text(tmp_path, generator, tiny_c
     assert evaluate.main(argv) == 0
     running = json.loads(capsys.readouterr().out)
     assert running["iteration"] == 2 and running["bn_mode"] == "eval" and SCORES <= set(running)
-    assert running["rigid_cells"] == 0
+    assert running["rigid_cells"] == 0 and running["wall_bounce"] is False
     assert evaluate.main(argv + ["--bn-mode", "train"]) == 0
     assert json.loads(capsys.readouterr().out)["bn_mode"] == "train"
     assert evaluate.main(argv[:-1 - len(tiny_cli)] + tiny_cli) == 0  # text output
@@ -405,6 +405,9 @@ def test_cli_scores_a_checkpoint_as_json_and_as_text(tmp_path, generator, tiny_c
     assert evaluate.main(argv + ["--rigid-cells", "2"]) == 1  # this generator renders every frame: nothing to carry
     assert capsys.readouterr().err == (f"evaluate.py: error: {ckpt}: --rigid-cells 2 needs a motion-warp generator; "
                                        "this one has none\n")
+    assert evaluate.main(argv + ["--wall-bounce"]) == 1  # no rigid cells, nothing to fold
+    assert capsys.readouterr().err == (f"evaluate.py: error: {ckpt}: --wall-bounce needs rigid cells "
+                                       "(--rigid-cells N > 0)\n")
 
 
 def test_cli_controls_print_a_markdown_table(tiny_cli, capsys):

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from models import (ConvLSTM, FrameDiscriminator, Generator, MultiLevelDiscriminator, build_models, cell_displacements,
-                    count_parameters, downsample_video, fold_time, minibatch_deviation, model_config, subsample,
-                    unfold_time, warp)
+from models import (ConvLSTM, FrameDiscriminator, Generator, MultiLevelDiscriminator, bounce_off_walls, build_models,
+                    cell_displacements, count_parameters, downsample_video, fold_time, minibatch_deviation,
+                    model_config, subsample, unfold_time, warp)
 
 
 def expected_shapes(cfg, n, frame_strides, batch_strides):
@@ -281,6 +281,67 @@ def test_still_first_frame_carries_the_unmoved_map_and_needs_rigid_cells():
         torch.testing.assert_close(from_still, gen._render_warped(3, content, moved, None), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="--still-first-frame needs rigid cells"):
         model_config("movingmnist", motion_warp=True, still_first_frame=True)
+
+
+def test_bounce_off_walls_reflects_shifts_that_would_take_the_ink_out_of_the_frame():
+    first = -torch.ones(3, 1, 64, 64)
+    first[0, :, 20:30, 10:20] = 1.0  # ink in columns 10..19 and rows 20..29: it may move 10 px left, 44 right
+    first[1, :, :, 30:34] = 1.0  # a bar from the top to the bottom wall: its rows span the frame
+    # clip 2 has no ink
+    px = torch.tensor([0.0, 5.0, 44.0, 50.0, -12.0, 100.0])  # shifts in pixels, frame by frame
+    moves = torch.zeros(3, 6, 2, 2, 2)
+    moves[:, :, 0] = (-px * 2 / 64).view(1, 6, 1, 1)  # warp's units: the map moves by -d * 32 px
+    moves[:, :, 1] = (px * 2 / 64).view(1, 6, 1, 1)  # and the other way along y
+    bounced = bounce_off_walls(moves, first)
+    assert bounced.shape == moves.shape and bounced.dtype == moves.dtype
+    x = -bounced[0, :, 0, 0, 0] * 32
+    # Inside the range a shift is kept; past the right wall (44) it comes back; past the left (-10) too.
+    torch.testing.assert_close(x, torch.tensor([0.0, 5.0, 44.0, 38.0, -8.0, -8.0]))
+    y = -bounced[0, :, 1, 1, 1] * 32  # rows 20..29: -20 to 34
+    torch.testing.assert_close(y, torch.tensor([0.0, -5.0, 4.0, 10.0, 12.0, 8.0]))
+    assert torch.equal(bounced[0, :, :, 0, 0], bounced[0, :, :, 1, 1])  # every cell of a clip shares the range
+    torch.testing.assert_close(bounced[1, :, 1], moves[1, :, 1])  # the bar's rows span the frame: y kept
+    torch.testing.assert_close(-bounced[1, :, 0, 0, 0] * 32, torch.tensor([0.0, 5.0, 16.0, 10.0, -12.0, -20.0]))
+    torch.testing.assert_close(bounced[2, :4], moves[2, :4])  # no ink: shifts under a frame's width are kept
+
+
+class BoxedHead(torch.nn.Module):
+    """A render head whose frames are black outside their central 16 x 16 pixels."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+        self.register_buffer("box", torch.zeros(64, 64, dtype=torch.bool))
+        self.box[24:40, 24:40] = True
+
+    def forward(self, x, labels=None):
+        return torch.where(self.box, self.head(x, labels), -1.0)
+
+
+def test_wall_bounce_folds_what_rigid_cells_carry_and_needs_them():
+    torch.manual_seed(0)
+    kwargs = dict(n_frames=4, content_skip=True, motion_warp=True, rigid_cells=2, still_first_frame=True)
+    gen = Generator(model_config("movingmnist", **kwargs))
+    bouncing = Generator(model_config("movingmnist", wall_bounce=True, **kwargs))
+    with torch.no_grad():
+        gen.flow_head.weight.normal_(0, 0.5)  # a flow that carries the glyphs far
+    bouncing.load_state_dict(gen.state_dict())
+    gen.eval(), bouncing.eval()
+    for g in (gen, bouncing):  # frames drawn in a box of 16 px, black around it: ink that can reach a wall
+        g.renders[3] = BoxedHead(g.renders[3])
+    z = gen.sample_z(2)
+    with torch.no_grad():
+        carried, bounced = gen.generate(z), bouncing.generate(z)
+        torch.testing.assert_close(bounced[:, :, 0], carried[:, :, 0])  # frame 0 is not moved
+        content, flow = gen.content_and_flow(z, 4)
+        for block in gen.level_blocks:
+            content = block(content)
+        moved = cell_displacements(flow, gen._render_warped(3, content, flow, None), 2)
+        folded = bounce_off_walls(moved, gen.renders[3](content, None))
+        assert (folded - moved).abs().max() > 1e-3  # this flow takes the glyphs past a wall
+        torch.testing.assert_close(bounced, gen._render_warped(3, content, folded, None), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="--wall-bounce needs rigid cells"):
+        model_config("movingmnist", motion_warp=True, wall_bounce=True)
 
 
 def test_rigid_cells_need_the_motion_warp():

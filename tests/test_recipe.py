@@ -119,7 +119,7 @@ def test_eval_every_adds_digit_scores_to_metrics(tmp_path, monkeypatch):
 
 
 def test_frame_warmup_comes_with_the_warp_and_needs_it():
-    assert parse().frame_warmup == 6250 and parse("--recipe", "paper").frame_warmup == 0
+    assert parse().frame_warmup == 7500 and parse("--recipe", "paper").frame_warmup == 0
     assert parse("--no-motion-warp").frame_warmup == 0  # unset: no still frames without the warp
     assert parse("--frame-warmup", "0").frame_warmup == 0 and parse("--frame-warmup", "7").frame_warmup == 7
     assert parse("--recipe", "paper", "--motion-warp", "--frame-warmup", "3").frame_warmup == 3
@@ -181,6 +181,20 @@ def test_rigid_cells_come_with_the_tuned_recipe_and_the_warp():
     assert parse("--rigid-cells", "0").rigid_cells == 0 and parse("--rigid-cells", "3").rigid_cells == 3
     config = parse("--rigid-cells", "3", "--batch-size", "2", "--no-sync-bn")
     assert trainer.build_trainer(config, 0, torch.device("cpu"), 0).gen.cfg.rigid_cells == 3  # G samples with it
+
+
+def test_wall_bounce_comes_with_the_tuned_recipe_and_rigid_cells(capsys):
+    assert parse().wall_bounce is True and parse("--recipe", "paper").wall_bounce is False
+    assert parse("--rigid-cells", "0").wall_bounce is False  # unset: nothing to fold without the cells
+    assert parse("--no-motion-warp").wall_bounce is False and parse("--no-wall-bounce").wall_bounce is False
+    assert parse("--recipe", "paper", "--motion-warp", "--rigid-cells", "2", "--wall-bounce").wall_bounce
+    config = parse("--batch-size", "2", "--no-sync-bn")
+    assert trainer.build_trainer(config, 0, torch.device("cpu"), 0).gen.cfg.wall_bounce  # G samples with it
+    with pytest.raises(SystemExit) as exit_info:
+        train_movingmnist.main(["--rigid-cells", "0", "--wall-bounce", *FAST])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: --wall-bounce: the wall bounce folds what rigid cells carry" in err
 
 
 def test_still_first_frame_comes_with_the_tuned_recipe_and_rigid_cells(capsys):

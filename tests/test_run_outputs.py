@@ -149,8 +149,8 @@ def test_runs_from_before_rigid_cells_resume_and_sample_without_them(tmp_path):
     run(tmp_path, "--iterations", "1", "--frame-warmup", "1", "--snapshot-every", "0")
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["config"]["rigid_cells"] == 2 and ckpt["config"]["model"]["rigid_cells"] == 2  # the default recipe
-    for config in (ckpt["config"], ckpt["config"]["model"]):  # as runs before the option (and the still frame 0)
-        del config["rigid_cells"], config["still_first_frame"]
+    for config in (ckpt["config"], ckpt["config"]["model"]):  # as runs before the option (and the settings after it)
+        del config["rigid_cells"], config["still_first_frame"], config["wall_bounce"]
     save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
     assert load_generator(tmp_path / "checkpoint.pt")[0].cfg.rigid_cells == 0  # sampled as they were
     assert load_generator(tmp_path / "checkpoint.pt", rigid_cells=2)[0].cfg.rigid_cells == 2  # or with the cells
@@ -175,6 +175,23 @@ def test_runs_from_before_the_still_first_frame_resume_and_sample_without_it(tmp
     resumed = load_checkpoint(tmp_path / "checkpoint.pt")
     assert resumed["iteration"] == 2 and resumed["config"]["still_first_frame"] is False
     assert resumed["config"]["model"]["still_first_frame"] is False
+
+
+def test_runs_from_before_the_wall_bounce_resume_and_sample_without_it(tmp_path):
+    run(tmp_path, "--iterations", "1", "--frame-warmup", "1", "--snapshot-every", "0")
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["config"]["wall_bounce"] is True and ckpt["config"]["model"]["wall_bounce"] is True
+    del ckpt["config"]["wall_bounce"], ckpt["config"]["model"]["wall_bounce"]  # as older runs wrote them
+    save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
+    assert not load_generator(tmp_path / "checkpoint.pt")[0].cfg.wall_bounce  # sampled as they were
+    assert load_generator(tmp_path / "checkpoint.pt", wall_bounce=True)[0].cfg.wall_bounce
+    assert not load_generator(tmp_path / "checkpoint.pt", rigid_cells=0)[0].cfg.wall_bounce
+    with pytest.raises(InputError, match="--wall-bounce needs rigid cells"):
+        load_generator(tmp_path / "checkpoint.pt", rigid_cells=0, wall_bounce=True)
+    run(tmp_path, "--iterations", "2", "--resume")
+    resumed = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert resumed["iteration"] == 2 and resumed["config"]["wall_bounce"] is False
+    assert resumed["config"]["model"]["wall_bounce"] is False
 
 
 def test_runs_from_before_the_glyph_average_resume_without_it(tmp_path):

@@ -183,33 +183,24 @@ def test_rigid_cells_come_with_the_tuned_recipe_and_the_warp():
     assert trainer.build_trainer(config, 0, torch.device("cpu"), 0).gen.cfg.rigid_cells == 3  # G samples with it
 
 
-def test_wall_bounce_comes_with_the_tuned_recipe_and_rigid_cells(capsys):
-    assert parse().wall_bounce is True and parse("--recipe", "paper").wall_bounce is False
-    assert parse("--rigid-cells", "0").wall_bounce is False  # unset: nothing to fold without the cells
-    assert parse("--no-motion-warp").wall_bounce is False and parse("--no-wall-bounce").wall_bounce is False
-    assert parse("--recipe", "paper", "--motion-warp", "--rigid-cells", "2", "--wall-bounce").wall_bounce
+@pytest.mark.parametrize("name, message", [
+    ("still_first_frame", "the still first frame is what rigid cells carry"),
+    ("wall_bounce", "the wall bounce folds what rigid cells carry"),
+])
+def test_rigid_cell_settings_come_with_the_tuned_recipe_and_rigid_cells(name, message, capsys):
+    flag = "--" + name.replace("_", "-")
+    assert getattr(parse(), name) is True and getattr(parse("--recipe", "paper"), name) is False
+    assert getattr(parse("--rigid-cells", "0"), name) is False  # unset: nothing to carry without the cells
+    assert getattr(parse("--no-motion-warp"), name) is False
+    assert getattr(parse("--no-" + flag[2:]), name) is False
+    assert getattr(parse("--recipe", "paper", "--motion-warp", "--rigid-cells", "2", flag), name) is True
     config = parse("--batch-size", "2", "--no-sync-bn")
-    assert trainer.build_trainer(config, 0, torch.device("cpu"), 0).gen.cfg.wall_bounce  # G samples with it
+    assert getattr(trainer.build_trainer(config, 0, torch.device("cpu"), 0).gen.cfg, name)  # G samples with it
     with pytest.raises(SystemExit) as exit_info:
-        train_movingmnist.main(["--rigid-cells", "0", "--wall-bounce", *FAST])
+        train_movingmnist.main(["--rigid-cells", "0", flag, *FAST])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "error: --wall-bounce: the wall bounce folds what rigid cells carry" in err
-
-
-def test_still_first_frame_comes_with_the_tuned_recipe_and_rigid_cells(capsys):
-    assert parse().still_first_frame is True and parse("--recipe", "paper").still_first_frame is False
-    assert parse("--rigid-cells", "0").still_first_frame is False  # unset: nothing to carry without the cells
-    assert parse("--no-motion-warp").still_first_frame is False
-    assert parse("--no-still-first-frame").still_first_frame is False
-    assert parse("--recipe", "paper", "--motion-warp", "--rigid-cells", "2", "--still-first-frame").still_first_frame
-    config = parse("--batch-size", "2", "--no-sync-bn")
-    assert trainer.build_trainer(config, 0, torch.device("cpu"), 0).gen.cfg.still_first_frame  # G samples with it
-    with pytest.raises(SystemExit) as exit_info:
-        train_movingmnist.main(["--rigid-cells", "0", "--still-first-frame", *FAST])
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "error: --still-first-frame: the still first frame is what rigid cells" in err
+    assert err.count("\n") == 1 and f"error: {flag}: {message}" in err
 
 
 def test_glyph_average_comes_with_the_tuned_recipe_and_the_warp():

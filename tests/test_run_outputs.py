@@ -160,38 +160,22 @@ def test_runs_from_before_rigid_cells_resume_and_sample_without_them(tmp_path):
     assert resumed["config"]["model"]["rigid_cells"] == 0
 
 
-def test_runs_from_before_the_still_first_frame_resume_and_sample_without_it(tmp_path):
+@pytest.mark.parametrize("name", ["still_first_frame", "wall_bounce"])
+def test_runs_from_before_a_rigid_cell_setting_resume_and_sample_without_it(name, tmp_path):
     run(tmp_path, "--iterations", "1", "--frame-warmup", "1", "--snapshot-every", "0")
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert ckpt["config"]["still_first_frame"] is True and ckpt["config"]["model"]["still_first_frame"] is True
-    del ckpt["config"]["still_first_frame"], ckpt["config"]["model"]["still_first_frame"]  # as older runs wrote them
+    assert ckpt["config"][name] is True and ckpt["config"]["model"][name] is True  # the default recipe
+    del ckpt["config"][name], ckpt["config"]["model"][name]  # as older runs wrote them
     save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
-    assert not load_generator(tmp_path / "checkpoint.pt")[0].cfg.still_first_frame  # sampled as they were
-    assert load_generator(tmp_path / "checkpoint.pt", still_first_frame=True)[0].cfg.still_first_frame
-    assert not load_generator(tmp_path / "checkpoint.pt", rigid_cells=0)[0].cfg.still_first_frame
-    with pytest.raises(InputError, match="--still-first-frame needs rigid cells"):
-        load_generator(tmp_path / "checkpoint.pt", rigid_cells=0, still_first_frame=True)
+    assert not getattr(load_generator(tmp_path / "checkpoint.pt")[0].cfg, name)  # sampled as they were
+    assert getattr(load_generator(tmp_path / "checkpoint.pt", **{name: True})[0].cfg, name)
+    assert not getattr(load_generator(tmp_path / "checkpoint.pt", rigid_cells=0)[0].cfg, name)
+    with pytest.raises(InputError, match=f"--{name.replace('_', '-')} needs rigid cells"):
+        load_generator(tmp_path / "checkpoint.pt", rigid_cells=0, **{name: True})
     run(tmp_path, "--iterations", "2", "--resume")
     resumed = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert resumed["iteration"] == 2 and resumed["config"]["still_first_frame"] is False
-    assert resumed["config"]["model"]["still_first_frame"] is False
-
-
-def test_runs_from_before_the_wall_bounce_resume_and_sample_without_it(tmp_path):
-    run(tmp_path, "--iterations", "1", "--frame-warmup", "1", "--snapshot-every", "0")
-    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert ckpt["config"]["wall_bounce"] is True and ckpt["config"]["model"]["wall_bounce"] is True
-    del ckpt["config"]["wall_bounce"], ckpt["config"]["model"]["wall_bounce"]  # as older runs wrote them
-    save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
-    assert not load_generator(tmp_path / "checkpoint.pt")[0].cfg.wall_bounce  # sampled as they were
-    assert load_generator(tmp_path / "checkpoint.pt", wall_bounce=True)[0].cfg.wall_bounce
-    assert not load_generator(tmp_path / "checkpoint.pt", rigid_cells=0)[0].cfg.wall_bounce
-    with pytest.raises(InputError, match="--wall-bounce needs rigid cells"):
-        load_generator(tmp_path / "checkpoint.pt", rigid_cells=0, wall_bounce=True)
-    run(tmp_path, "--iterations", "2", "--resume")
-    resumed = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert resumed["iteration"] == 2 and resumed["config"]["wall_bounce"] is False
-    assert resumed["config"]["model"]["wall_bounce"] is False
+    assert resumed["iteration"] == 2 and resumed["config"][name] is False
+    assert resumed["config"]["model"][name] is False
 
 
 def test_runs_from_before_the_glyph_average_resume_without_it(tmp_path):

@@ -87,7 +87,7 @@ def apply_recipe(config) -> None:
     A recipe without ``gp_weight`` scales the authors' R1 weight by their batch over ``config.batch_size``.
     A setting of :data:`NEEDS` left unset is off (0 or False) when the setting it needs is off: a frame warm-up (and
     its learning rate), rigid cells and a glyph average without the motion warp, a video decay without a glyph
-    average, a still first frame without rigid cells.
+    average, a still first frame and a wall bounce without rigid cells.
     """
     unset = [key for key in NEEDS if getattr(config, key, None) is None]
     for key, value in RECIPES[config.recipe].items():

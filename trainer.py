@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -1099,13 +1100,22 @@ def train(config: TrainConfig, dataset, gen_samples: Callable, describe_data: st
     return last
 
 
+def longer_than_quick_start(parser: argparse.ArgumentParser, config: TrainConfig, quick_start: str) -> bool:
+    """Whether ``config`` trains on more clips (iterations x batch) than the ``quick_start`` command
+    (``python SCRIPT FLAGS...``, parsed by ``parser``) does; False without a quick start."""
+    if not quick_start:
+        return False
+    quick = parser.parse_args(shlex.split(quick_start)[2:])
+    return config.iterations * config.batch_size > quick.iterations * quick.batch_size
+
+
 def main(parser: argparse.ArgumentParser, open_dataset: Callable, gen_samples: Callable, argv=None,
          quick_start: str = "") -> dict:
     """Parse flags into a :class:`TrainConfig`, open the dataset with ``open_dataset(config) -> (dataset,
     description)`` and train.
 
     ``parser`` comes from :func:`build_parser` (plus the script's own flags); ``quick_start`` is the
-    command a run without a GPU recommends.  Bad input (a missing file, a malformed array, a bad
+    command a run without a GPU recommends when it is longer than that command.  Bad input (a missing file, a malformed array, a bad
     flag value) exits with a one-line error.
     """
     config, training = None, False
@@ -1117,6 +1127,7 @@ def main(parser: argparse.ArgumentParser, open_dataset: Callable, gen_samples: C
         check_warp_settings(config)
         dataset, describe = open_dataset(config)
         training = True
+        quick_start = quick_start if longer_than_quick_start(parser, config, quick_start) else ""
         return train(config, dataset, gen_samples, describe, ckpt, quick_start)
     except (ValueError, TrainingDiverged, CheckpointError) as err:
         raise SystemExit(report_error(parser.prog, err))

@@ -29,6 +29,19 @@ def test_paper_recipe_is_the_authors_and_flags_override_a_recipe():
     assert parse().recipe == "tuned"
 
 
+def test_a_cpu_run_points_to_the_quick_start_only_when_it_is_longer(tmp_path, monkeypatch):
+    parser, quick = train_movingmnist.build_parser(), train_movingmnist.CPU_QUICK_START
+    assert trainer.longer_than_quick_start(parser, parse(), quick)  # the default: 10000 iterations at batch 32
+    assert not trainer.longer_than_quick_start(parser, parse("--batch-size", "8", "--iterations", "7850"), quick)
+    assert trainer.longer_than_quick_start(parser, parse("--batch-size", "8", "--iterations", "7851"), quick)
+    assert not trainer.longer_than_quick_start(parser, parse(), "")
+    passed = []  # the quick start main() hands to train(): printed on a CPU when not empty
+    monkeypatch.setattr(trainer, "train", lambda *args: passed.append(args[-1]))
+    train_movingmnist.main([*FAST, "--out", str(tmp_path / "short")])  # 10000 iterations at batch 2
+    train_movingmnist.main([*FAST, "--out", str(tmp_path / "long"), "--batch-size", "32"])
+    assert passed == ["", quick]
+
+
 def test_tuned_r1_weight_keeps_the_authors_weight_times_batch():
     assert parse("--recipe", "paper", "--batch-size", "8").gp_weight == 0.5
     assert parse("--batch-size", "32").gp_weight == 0.5 and parse("--batch-size", "8").gp_weight == 2.0

@@ -66,7 +66,7 @@ RECIPES = {
                   frame_dis_weight=0.0, frame_dis_group=0, rigid_cells=0, glyph_average=0.0,
                   video_glyph_average=0.0, still_first_frame=False, wall_bounce=False, gp_weight=AUTHORS_R1_WEIGHT),
     "tuned": dict(AUTHORS_SETTINGS, content_skip=True, motion_warp=True, frame_warmup=7500, warmup_lr=2e-4,
-                  frame_dis_weight=0.1, frame_dis_group=4, rigid_cells=2, glyph_average=0.995,
+                  frame_dis_weight=0.1, frame_dis_group=4, rigid_cells=1, glyph_average=0.995,
                   video_glyph_average=0.997, still_first_frame=True, wall_bounce=True),
 }
 
@@ -241,7 +241,7 @@ def build_parser(description: str, defaults: Dict, prog: str, presets: Optional[
                         "(or as the still frame: --still-first-frame), then carry it to each later frame by one "
                         "displacement per cell of an N x N grid, the ink-weighted mean of the flow's change since "
                         "frame 0, so glyphs keep their shape; 0 = every frame from its own flow; needs --motion-warp; "
-                        "paper: 0, tuned: 2 (recipe)")
+                        "paper: 0, tuned: 1, the whole frame as one cell (recipe)")
     p.add_argument("--still-first-frame", action=argparse.BooleanOptionalAction,
                    help="dense generation with rigid cells: frame 0 is the clip's map unmoved (the still frame the "
                         "frame warm-up trains) instead of the map moved by frame 0's flow, and the rigid cells carry "

@@ -78,8 +78,8 @@ def add_sampling_arguments(parser) -> None:
                         help="motion-warp checkpoints: draw frame 0 with its flow (or as the still frame: "
                              "--still-first-frame), then carry it to each later frame by one displacement per cell "
                              "of an N x N grid, so glyphs keep their shape; 0 = every frame from its own flow "
-                             "(default: the checkpoint's setting, 2 for runs of the tuned recipe since it was added, "
-                             "0 before)")
+                             "(default: the checkpoint's setting: 1 for runs of the tuned recipe since one cell became "
+                             "its default, 2 for its runs from the setting's start until then, 0 before)")
     parser.add_argument("--still-first-frame", action=argparse.BooleanOptionalAction, default=None,
                         help="with rigid cells: frame 0 is the clip's map unmoved (the still frame the frame warm-up "
                              "trains) instead of the map moved by frame 0's flow; the later frames carry it as "

@@ -189,7 +189,7 @@ def test_frame_warmup_moves_only_what_draws_still_frames_and_the_lower_heads_the
 
 
 def test_rigid_cells_come_with_the_tuned_recipe_and_the_warp():
-    assert parse().rigid_cells == 2 and parse("--recipe", "paper").rigid_cells == 0
+    assert parse().rigid_cells == 1 and parse("--recipe", "paper").rigid_cells == 0
     assert parse("--no-motion-warp").rigid_cells == 0  # unset: nothing to carry without the warp
     assert parse("--rigid-cells", "0").rigid_cells == 0 and parse("--rigid-cells", "3").rigid_cells == 3
     config = parse("--rigid-cells", "3", "--batch-size", "2", "--no-sync-bn")

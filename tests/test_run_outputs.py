@@ -148,7 +148,7 @@ def test_runs_from_before_the_deviation_channel_resume_without_it(tmp_path):
 def test_runs_from_before_rigid_cells_resume_and_sample_without_them(tmp_path):
     run(tmp_path, "--iterations", "1", "--frame-warmup", "1", "--snapshot-every", "0")
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert ckpt["config"]["rigid_cells"] == 2 and ckpt["config"]["model"]["rigid_cells"] == 2  # the default recipe
+    assert ckpt["config"]["rigid_cells"] == 1 and ckpt["config"]["model"]["rigid_cells"] == 1  # the default recipe
     for config in (ckpt["config"], ckpt["config"]["model"]):  # as runs before the option (and the settings after it)
         del config["rigid_cells"], config["still_first_frame"], config["wall_bounce"]
     save_checkpoint(ckpt, tmp_path / "checkpoint.pt")

@@ -1115,8 +1115,8 @@ def main(parser: argparse.ArgumentParser, open_dataset: Callable, gen_samples: C
     description)`` and train.
 
     ``parser`` comes from :func:`build_parser` (plus the script's own flags); ``quick_start`` is the
-    command a run without a GPU recommends when it is longer than that command.  Bad input (a missing file, a malformed array, a bad
-    flag value) exits with a one-line error.
+    command a run without a GPU recommends when it is longer than that command.  Bad input (a missing
+    file, a malformed array, a bad flag value) exits with a one-line error.
     """
     config, training = None, False
     try:
@@ -1125,9 +1125,9 @@ def main(parser: argparse.ArgumentParser, open_dataset: Callable, gen_samples: C
         ckpt = resolve_resume(config)  # first: the checkpoint's settings decide how the data is opened
         check_clip_geometry(config)
         check_warp_settings(config)
+        quick_start = quick_start if longer_than_quick_start(parser, config, quick_start) else ""
         dataset, describe = open_dataset(config)
         training = True
-        quick_start = quick_start if longer_than_quick_start(parser, config, quick_start) else ""
         return train(config, dataset, gen_samples, describe, ckpt, quick_start)
     except (ValueError, TrainingDiverged, CheckpointError) as err:
         raise SystemExit(report_error(parser.prog, err))

@@ -114,10 +114,13 @@ def model_config(preset: str, resolution: Optional[int] = None, **overrides) -> 
     return cfg
 
 
+# The ModelConfig settings that shape what rigid cells carry: each needs rigid_cells above 0.
+RIGID_CELL_SETTINGS = ("still_first_frame", "wall_bounce")
+
+
 def check_rigid_cell_settings(cfg: ModelConfig) -> None:
-    """``cfg.still_first_frame`` and ``cfg.wall_bounce`` shape what rigid cells carry: each needs ``cfg.rigid_cells``
-    above 0."""
-    for name in ("still_first_frame", "wall_bounce"):
+    """Each of :data:`RIGID_CELL_SETTINGS` that ``cfg`` turns on needs ``cfg.rigid_cells`` above 0."""
+    for name in RIGID_CELL_SETTINGS:
         if getattr(cfg, name) and not cfg.rigid_cells:
             raise ValueError(f"--{name.replace('_', '-')} needs rigid cells (--rigid-cells N > 0)")
 
@@ -726,12 +729,11 @@ def load_generator(path, device="cpu", rigid_cells: Optional[int] = None, raw_we
             if rigid_cells and not cfg.motion_warp:
                 raise ValueError(f"--rigid-cells {rigid_cells} needs a motion-warp generator; this one has none")
             cfg.rigid_cells = rigid_cells
-            cfg.still_first_frame = cfg.still_first_frame and bool(rigid_cells)
-            cfg.wall_bounce = cfg.wall_bounce and bool(rigid_cells)
-        if still_first_frame is not None:
-            cfg.still_first_frame = still_first_frame
-        if wall_bounce is not None:
-            cfg.wall_bounce = wall_bounce
+            for name in RIGID_CELL_SETTINGS:  # no cells, nothing for them to shape
+                setattr(cfg, name, getattr(cfg, name) and bool(rigid_cells))
+        for name, value in zip(RIGID_CELL_SETTINGS, (still_first_frame, wall_bounce)):
+            if value is not None:
+                setattr(cfg, name, value)
         check_rigid_cell_settings(cfg)
         gen = Generator(cfg).to(device)
         load_weights(gen, ckpt["generator"] if raw_weights else averaged_generator_state(ckpt), "generator")

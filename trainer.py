@@ -725,6 +725,11 @@ def check_clip_geometry(config: TrainConfig) -> None:
                              f"{value // needed} at the last level; expected at least {needed}")
 
 
+# Why each of models.RIGID_CELL_SETTINGS needs rigid cells, for the one-line error when it is set without them.
+RIGID_CELL_REASONS = {"still_first_frame": "the still first frame is what rigid cells carry",
+                      "wall_bounce": "the wall bounce folds what rigid cells carry"}
+
+
 def check_warp_settings(config: TrainConfig) -> None:
     """Still frames, a glyph average and rigid cells exist only in a motion-warp generator: ``--frame-warmup``,
     ``--glyph-average`` and ``--rigid-cells`` above 0 need ``--motion-warp``; ``--video-glyph-average`` above 0 needs
@@ -741,12 +746,10 @@ def check_warp_settings(config: TrainConfig) -> None:
     if config.rigid_cells and not config.motion_warp:
         raise InputError(f"--rigid-cells {config.rigid_cells}: rigid cells carry a motion-warp generator's frame 0; "
                          "add --motion-warp or pass --rigid-cells 0")
-    if config.still_first_frame and not config.rigid_cells:
-        raise InputError("--still-first-frame: the still first frame is what rigid cells carry; pass --rigid-cells N "
-                         "above 0 or --no-still-first-frame")
-    if config.wall_bounce and not config.rigid_cells:
-        raise InputError("--wall-bounce: the wall bounce folds what rigid cells carry; pass --rigid-cells N above 0 "
-                         "or --no-wall-bounce")
+    for name, reason in RIGID_CELL_REASONS.items():
+        if getattr(config, name) and not config.rigid_cells:
+            flag = name.replace("_", "-")
+            raise InputError(f"--{flag}: {reason}; pass --rigid-cells N above 0 or --no-{flag}")
 
 
 def load_eval_models(config: TrainConfig, device):

@@ -1103,13 +1103,14 @@ def train(config: TrainConfig, dataset, gen_samples: Callable, describe_data: st
     return last
 
 
-def longer_than_quick_start(parser: argparse.ArgumentParser, config: TrainConfig, quick_start: str) -> bool:
-    """Whether ``config`` trains on more clips (iterations x batch) than the ``quick_start`` command
-    (``python SCRIPT FLAGS...``, parsed by ``parser``) does; False without a quick start."""
+def longer_than_quick_start(parser: argparse.ArgumentParser, config: TrainConfig, quick_start: str,
+                            start: int = 0) -> bool:
+    """Whether ``config``, from iteration ``start`` on (a resumed run's), trains on more clips (iterations x batch)
+    than the ``quick_start`` command (``python SCRIPT FLAGS...``, parsed by ``parser``) does; False without one."""
     if not quick_start:
         return False
     quick = parser.parse_args(shlex.split(quick_start)[2:])
-    return config.iterations * config.batch_size > quick.iterations * quick.batch_size
+    return (config.iterations - start) * config.batch_size > quick.iterations * quick.batch_size
 
 
 def main(parser: argparse.ArgumentParser, open_dataset: Callable, gen_samples: Callable, argv=None,
@@ -1118,7 +1119,7 @@ def main(parser: argparse.ArgumentParser, open_dataset: Callable, gen_samples: C
     description)`` and train.
 
     ``parser`` comes from :func:`build_parser` (plus the script's own flags); ``quick_start`` is the
-    command a run without a GPU recommends when it is longer than that command.  Bad input (a missing
+    command a run without a GPU recommends when it has more left to train than that command.  Bad input (a missing
     file, a malformed array, a bad flag value) exits with a one-line error.
     """
     config, training = None, False
@@ -1128,7 +1129,8 @@ def main(parser: argparse.ArgumentParser, open_dataset: Callable, gen_samples: C
         ckpt = resolve_resume(config)  # first: the checkpoint's settings decide how the data is opened
         check_clip_geometry(config)
         check_warp_settings(config)
-        quick_start = quick_start if longer_than_quick_start(parser, config, quick_start) else ""
+        start = int(ckpt["iteration"]) if ckpt is not None else 0
+        quick_start = quick_start if longer_than_quick_start(parser, config, quick_start, start) else ""
         dataset, describe = open_dataset(config)
         training = True
         return train(config, dataset, gen_samples, describe, ckpt, quick_start)

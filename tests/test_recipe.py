@@ -35,11 +35,16 @@ def test_a_cpu_run_points_to_the_quick_start_only_when_it_is_longer(tmp_path, mo
     assert not trainer.longer_than_quick_start(parser, parse("--batch-size", "8", "--iterations", "7850"), quick)
     assert trainer.longer_than_quick_start(parser, parse("--batch-size", "8", "--iterations", "7851"), quick)
     assert not trainer.longer_than_quick_start(parser, parse(), "")
+    # Resumed, only what is left counts: 2150 x 32 clips are more than 7850 x 8, 1950 x 32 are not.
+    assert trainer.longer_than_quick_start(parser, parse(), quick, start=7850)
+    assert not trainer.longer_than_quick_start(parser, parse(), quick, start=8050)
     passed = []  # the quick start main() hands to train(): printed on a CPU when not empty
     monkeypatch.setattr(trainer, "train", lambda *args: passed.append(args[-1]))
     train_movingmnist.main([*FAST, "--out", str(tmp_path / "short")])  # 10000 iterations at batch 2
     train_movingmnist.main([*FAST, "--out", str(tmp_path / "long"), "--batch-size", "32"])
-    assert passed == ["", quick]
+    monkeypatch.setattr(trainer, "resolve_resume", lambda config: {"iteration": 9000})  # a run 1000 short of its end
+    train_movingmnist.main([*FAST, "--out", str(tmp_path / "resumed"), "--batch-size", "32", "--resume", "auto"])
+    assert passed == ["", quick, ""]
 
 
 def test_tuned_r1_weight_keeps_the_authors_weight_times_batch():

@@ -114,8 +114,9 @@ def model_config(preset: str, resolution: Optional[int] = None, **overrides) -> 
     return cfg
 
 
-# The ModelConfig settings that shape what rigid cells carry: each needs rigid_cells above 0.
-RIGID_CELL_SETTINGS = ("still_first_frame", "wall_bounce")
+# The ModelConfig settings that shape what rigid cells carry, each needing rigid_cells above 0, and why (for errors).
+RIGID_CELL_SETTINGS = {"still_first_frame": "the still first frame is what rigid cells carry",
+                       "wall_bounce": "the wall bounce folds what rigid cells carry"}
 
 
 def check_rigid_cell_settings(cfg: ModelConfig) -> None:

@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets import ResumableBatchSampler, to_unit_range
-from models import (PRESETS, FrameDiscriminator, Generator, ModelConfig, averaged_generator_state, build_models,
-                    convert_sync_batchnorm, count_parameters, fold_time, level_labels, load_weights, model_config,
-                    real_pyramid, sampling_mode)
+from models import (PRESETS, RIGID_CELL_SETTINGS, FrameDiscriminator, Generator, ModelConfig, averaged_generator_state,
+                    build_models, convert_sync_batchnorm, count_parameters, fold_time, level_labels, load_weights,
+                    model_config, real_pyramid, sampling_mode)
 from utils import (CheckpointError, InputError, OneLineArgumentParser, TensorBoardLog, all_reduce_mean_, append_jsonl,
                    average_gradients, broadcast_module, close_distributed, describe_os_error, discard_torn_checkpoint,
                    discriminator_loss, generator_loss, get_rng_state, init_distributed, int_list, last_good_checkpoint,
@@ -725,11 +725,6 @@ def check_clip_geometry(config: TrainConfig) -> None:
                              f"{value // needed} at the last level; expected at least {needed}")
 
 
-# Why each of models.RIGID_CELL_SETTINGS needs rigid cells, for the one-line error when it is set without them.
-RIGID_CELL_REASONS = {"still_first_frame": "the still first frame is what rigid cells carry",
-                      "wall_bounce": "the wall bounce folds what rigid cells carry"}
-
-
 def check_warp_settings(config: TrainConfig) -> None:
     """Still frames, a glyph average and rigid cells exist only in a motion-warp generator: ``--frame-warmup``,
     ``--glyph-average`` and ``--rigid-cells`` above 0 need ``--motion-warp``; ``--video-glyph-average`` above 0 needs
@@ -746,7 +741,7 @@ def check_warp_settings(config: TrainConfig) -> None:
     if config.rigid_cells and not config.motion_warp:
         raise InputError(f"--rigid-cells {config.rigid_cells}: rigid cells carry a motion-warp generator's frame 0; "
                          "add --motion-warp or pass --rigid-cells 0")
-    for name, reason in RIGID_CELL_REASONS.items():
+    for name, reason in RIGID_CELL_SETTINGS.items():
         if getattr(config, name) and not config.rigid_cells:
             flag = name.replace("_", "-")
             raise InputError(f"--{flag}: {reason}; pass --rigid-cells N above 0 or --no-{flag}")

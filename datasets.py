@@ -829,6 +829,10 @@ def _cache_one(job):
     return rel, frames, ""
 
 
+# prepare stops while this much disk is still free, so the index and the checkpoints can still be written
+CACHE_FREE_SPACE_RESERVE = 1 << 30
+
+
 def prepare_frame_cache(root, paths: Sequence[str], cache_dir, resolution: int, workers: int = 0,
                         progress: bool = True) -> dict:
     """Decode ``paths`` (relative to ``root``) once into the frame cache ``cache_dir``; return its index.
@@ -876,7 +880,7 @@ def prepare_frame_cache(root, paths: Sequence[str], cache_dir, resolution: int, 
                         index["skipped"][rel] = reason
                         _warn(f"frame cache: skipping {rel}: {reason}")
                     else:
-                        if shutil.disk_usage(cache_dir).free < frames.nbytes + (1 << 30):
+                        if shutil.disk_usage(cache_dir).free < frames.nbytes + CACHE_FREE_SPACE_RESERVE:
                             raise OSError(f"--cache {cache_dir}: disk almost full; free space and run prepare "
                                           "again (it resumes)")
                         f.write(np.ascontiguousarray(frames).data)

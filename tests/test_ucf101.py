@@ -153,7 +153,13 @@ def test_workers_load_the_same_batches(tree):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_frame_cache_is_bit_identical_and_resumes(tmp_path, tree, capsys):
+@pytest.fixture
+def any_free_space(monkeypatch):
+    """The cache tests write a few MiB; the temporary folder may have less than the 1 GiB reserve free."""
+    monkeypatch.setattr(datasets, "CACHE_FREE_SPACE_RESERVE", 0)
+
+
+def test_frame_cache_is_bit_identical_and_resumes(tmp_path, tree, capsys, any_free_space):
     cache = tmp_path / "cache"
     # an interrupted run: only the train list, then garbage after the last indexed video
     train_ucf101.main(["prepare", "--data", str(tree), "--cache", str(cache), "--resolution", str(R),
@@ -182,6 +188,21 @@ def test_frame_cache_is_bit_identical_and_resumes(tmp_path, tree, capsys):
 
     with pytest.raises(ValueError, match="prepared with --resolution 64"):
         UCF101(tree, resolution=128, cache=cache, progress=False)
+
+
+def test_frame_cache_stops_before_the_disk_is_full_and_resumes(tmp_path, tree, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    argv = ["prepare", "--data", str(tree), "--cache", str(cache), "--resolution", str(R), "--workers", "0"]
+    monkeypatch.setattr(datasets, "CACHE_FREE_SPACE_RESERVE", 1 << 60)
+    with pytest.raises(SystemExit) as exit_info:
+        train_ucf101.main(argv)
+    assert exit_info.value.code == 1
+    assert f"--cache {cache}: disk almost full; free space and run prepare again" in capsys.readouterr().err
+    index = json.loads((cache / "index.json").read_text())
+    assert not index["complete"] and index["videos"] == {} and (cache / "frames.u8").stat().st_size == 0
+    monkeypatch.setattr(datasets, "CACHE_FREE_SPACE_RESERVE", 0)
+    train_ucf101.main(argv)
+    assert json.loads((cache / "index.json").read_text())["complete"]
 
 
 def test_user_errors_are_clear(tmp_path, tree, capsys):

@@ -378,7 +378,8 @@ def probe_video(path) -> VideoInfo:
 
 def frame_to_rgb(frame, height: int, width: int) -> np.ndarray:
     """Decoded PyAV frame -> uint8 ``(height, width, 3)`` RGB (colour conversion and resize in one swscale pass)."""
-    return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=RESIZE_INTERPOLATION)
+    # one swscale thread: a pool made before DataLoader forks its workers hangs them (PyAV 18.1.1)
+    return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=RESIZE_INTERPOLATION, threads=1)
 
 
 def decode_video(path, height: int, width: int) -> np.ndarray:
@@ -936,7 +937,7 @@ def _decode_frames(path: Path, n_frames: int) -> np.ndarray:
     else:
         with av.open(str(path)) as container:
             for frame in container.decode(video=0):
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(frame.to_ndarray(format="rgb24", threads=1))  # one swscale thread, as frame_to_rgb
                 if len(frames) == n_frames:
                     break
     return np.stack(frames) if frames else np.zeros((0, 1, 1), np.uint8)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 import trainer
-from datasets import (VIDEO_EXTENSIONS, list_ucf101, list_video_folder, open_video_dataset, prepare_frame_cache,
-                      video_dataset_kind)
+from datasets import (CACHE_FREE_SPACE_RESERVE, VIDEO_EXTENSIONS, list_ucf101, list_video_folder, open_video_dataset,
+                      prepare_frame_cache, video_dataset_kind)
 from utils import OneLineArgumentParser, report_error, save_video_grid
 
 # The paper's run (docs/METHOD.md, 'Presets'): the authors' recipe (fp32, Adam 1e-4 (0.0, 0.9); lambda 0.5 from
@@ -107,7 +107,8 @@ def prepare(argv=None) -> dict:
         description="Decode every video of --data once, resized for --resolution, into --cache DIR "
                     "(DIR/frames.u8, memory-mapped uint8 frames, and DIR/index.json). Interrupted runs resume "
                     "where they stopped; running again with another --split adds its videos. Needs about "
-                    "340 GiB for all of UCF-101 at 192 px (150 at 128, 38 at 64).")
+                    "340 GiB for all of UCF-101 at 192 px (150 at 128, 38 at 64), and stops with an error while "
+                    f"{CACHE_FREE_SPACE_RESERVE >> 30} GiB of the disk is still free.")
     parser.add_argument("--data", default=DEFAULTS["data"], help="UCF-101 root or a folder of videos")
     parser.add_argument("--cache", required=True, metavar="DIR", help="where the cache is written")
     parser.add_argument("--workers", type=int, default=DEFAULTS["workers"], help="decoding processes (0 = this one)")

@@ -304,6 +304,8 @@ def open_moving_mnist(data: str, n_frames: int, default_path="data/mnist_test_se
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm")
 # The one resize used by decoding and by the cache: bicubic, as the authors' preparation script.
 RESIZE_INTERPOLATION = "BICUBIC"
+# Every colour conversion runs on one swscale thread: a pool made before DataLoader forks its workers hangs them.
+SWSCALE_THREADS = 1
 CACHE_FORMAT = "tgan2-frame-cache/2"  # /1 held area-resized frames
 UCF101_NAME = re.compile(r"^v_(?P<cls>.+)_g\d+_c\d+$")
 
@@ -378,8 +380,8 @@ def probe_video(path) -> VideoInfo:
 
 def frame_to_rgb(frame, height: int, width: int) -> np.ndarray:
     """Decoded PyAV frame -> uint8 ``(height, width, 3)`` RGB (colour conversion and resize in one swscale pass)."""
-    # one swscale thread: a pool made before DataLoader forks its workers hangs them (PyAV 18.1.1)
-    return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=RESIZE_INTERPOLATION, threads=1)
+    return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=RESIZE_INTERPOLATION,
+                            threads=SWSCALE_THREADS)
 
 
 def decode_video(path, height: int, width: int) -> np.ndarray:
@@ -937,7 +939,7 @@ def _decode_frames(path: Path, n_frames: int) -> np.ndarray:
     else:
         with av.open(str(path)) as container:
             for frame in container.decode(video=0):
-                frames.append(frame.to_ndarray(format="rgb24", threads=1))  # one swscale thread, as frame_to_rgb
+                frames.append(frame.to_ndarray(format="rgb24", threads=SWSCALE_THREADS))
                 if len(frames) == n_frames:
                     break
     return np.stack(frames) if frames else np.zeros((0, 1, 1), np.uint8)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import trainer
-from datasets import open_moving_mnist
+from datasets import MovingMNIST, open_moving_mnist
 from models import PRESETS, model_config
 from utils import save_video_grid
 
@@ -34,7 +34,8 @@ DEFAULTS = dict(
 DESCRIPTION = __doc__ + """
 --data: 'auto' uses data/mnist_test_seq.npy, else tries to download it, else falls back to procedural
 moving digits with a warning; 'synthetic' always uses procedural digits; a PATH must be a valid
-mnist_test_seq.npy (uint8, (frames, videos, 64, 64)) or the run stops with an error.
+mnist_test_seq.npy (uint8, (frames, videos, 64, 64)) or the run stops with an error. The saved config
+records what 'auto' found, and --resume with --data left at 'auto' keeps that data.
 """
 
 
@@ -52,7 +53,11 @@ def genSamples(gen, z, iteration, out_dir, labels=None, n_frames=16):
 
 
 def open_dataset(config):
+    """The clips of ``--data`` and a description.  ``auto`` becomes what it found (``synthetic`` or the file's path)
+    in ``config``, so the saved config names the data and ``--resume`` keeps it instead of resolving ``auto`` again."""
     dataset = open_moving_mnist(config.data, config.n_frames)
+    if config.data == "auto":
+        config.data = str(dataset.path) if isinstance(dataset, MovingMNIST) else "synthetic"
     return dataset, f"{type(dataset).__name__}: {getattr(dataset, 'path', 'procedural')}"
 
 

@@ -706,6 +706,10 @@ def resolve_resume(config: TrainConfig) -> Optional[dict]:
     if "generator_ema" in ckpt:  # written by --ema-decay, an option since removed
         raise ValueError(f"--resume: {path} holds an average of G's weights (--ema-decay), which this version no "
                          "longer keeps; resuming would drop it (generate.py and evaluate.py still read its G)")
+    # --data left at auto continues on the run's data: a procedural run must not switch to a download mid-run.
+    if config.data == "auto" and saved.get("data", "auto") != "auto":
+        print(f"--resume: using data={saved['data']!r} from the checkpoint (pass --data to change it)", file=sys.stderr)
+        config.data = saved["data"]
     for key in EXPERIMENT_KEYS:
         if key in saved and getattr(config, key) != saved[key]:
             print(f"--resume: using {key}={saved[key]!r} from the checkpoint", file=sys.stderr)

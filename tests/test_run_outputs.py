@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import datasets
 import evaluate
 import generate
 import train_movingmnist
@@ -80,6 +81,33 @@ def test_resume_keeps_the_first_config_and_writes_one_per_resume(tmp_path):
     assert json.loads((tmp_path / "config.resume-000002.json").read_text())["iterations"] == 3
     assert json.loads((tmp_path / "config.resume-000003.json").read_text())["iterations"] == 4
     assert load_checkpoint(tmp_path / "checkpoint.pt")["config"]["iterations"] == 4
+
+
+def test_data_auto_is_saved_as_what_it_found_and_a_resume_keeps_it(tmp_path, monkeypatch, capsys):
+    def offline(dest, *args, **kwargs):
+        raise OSError("no network in the tests")
+
+    monkeypatch.setattr(datasets, "download_moving_mnist", offline)
+    monkeypatch.chdir(tmp_path)  # --data auto looks for data/mnist_test_seq.npy here
+    auto = FAST[2:]  # FAST without --data synthetic
+    with pytest.warns(UserWarning, match="PROCEDURAL MOVING DIGITS"):
+        train_movingmnist.main([*auto, "--out", "procedural", "--iterations", "1"])
+    assert json.loads((tmp_path / "procedural" / "config.json").read_text())["data"] == "synthetic"
+    # The real file appears; resuming with --data left at auto stays on the procedural digits.
+    (tmp_path / "data").mkdir()
+    np.save(tmp_path / "data" / "mnist_test_seq.npy", np.zeros((20, 2, 64, 64), np.uint8))
+    capsys.readouterr()
+    train_movingmnist.main([*auto, "--out", "procedural", "--iterations", "2", "--resume"])
+    assert "--resume: using data='synthetic' from the checkpoint" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "procedural" / "checkpoint.pt")["config"]["data"] == "synthetic"
+    # A run that found the file names it; an explicit --data on resume is taken as given.
+    train_movingmnist.main([*auto, "--out", "real", "--iterations", "1"])
+    assert json.loads((tmp_path / "real" / "config.json").read_text())["data"] == "data/mnist_test_seq.npy"
+    capsys.readouterr()
+    train_movingmnist.main([*auto, "--out", "procedural", "--iterations", "3", "--resume", "--data",
+                            "data/mnist_test_seq.npy"])
+    assert "using data=" not in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "procedural" / "checkpoint.pt")["config"]["data"] == "data/mnist_test_seq.npy"
 
 
 def test_runs_from_before_the_motion_warp_resume_and_rerun_without_it(tmp_path):
